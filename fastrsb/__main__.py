@@ -1,0 +1,5 @@
+import sys
+
+from fastrsb.cli import main
+
+sys.exit(main())

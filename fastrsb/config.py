@@ -1,0 +1,193 @@
+"""Run configuration: nested dataclasses, YAML recipes, dotted CLI overrides.
+
+A recipe is a YAML mapping whose top-level keys are the sections below. Unknown keys
+and values of the wrong type are errors naming the dotted key, raised before any
+work starts. `to_dict(cfg)` round-trips into checkpoints and metrics files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    backend: str = "ffcv"  # ffcv | dali | torch | synthetic
+    path: str = ""  # a directory written by `fastrsb convert` (holds manifest.json)
+    batch_size: int = 256  # per process
+    workers: int = 0  # decode workers per process; 0 = all cores / local world size
+    train_res: int = 224
+    val_res: int = 224
+    crop_pct: float = 0.875  # val: resize shorter side to val_res / crop_pct, center crop val_res
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
+    interpolation: str = "bilinear"  # bilinear | bicubic (resize after crop)
+    num_repeats: int = 1  # repeated augmentation (DeiT/timm RepeatAugSampler); 1 = off
+    seed: int = 0
+    prefetch: int = 2  # batches staged on the device ahead of the consumer
+    # backend knobs
+    ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (else ffcv's process cache)
+    ffcv_batches_ahead: int = 3
+    ffcv_quasi_random: bool = False  # only single-process; QUASI_RANDOM is not supported distributed
+    dali_decode: str = "auto"  # auto (mixed on cuda, cpu otherwise) | cpu | mixed
+    dali_py_workers: int = 2  # external_source worker processes reading JPEG bytes from shards
+    synthetic_num_samples: int = 10000  # synthetic backend: pretend dataset size
+    synthetic_num_classes: int = 1000
+
+
+@dataclass
+class AugmentConfig:
+    randaugment: str = ""  # timm config string, e.g. rand-m7-mstd0.5-inc1; "" = off
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    mix_mode: str = "batch"  # batch | pair | elem (timm Mixup modes)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "augment": AugmentConfig}
+
+
+def register_section(name: str, cls: type) -> type:
+    """Add a top-level section (used by modules that own one, e.g. the trainer)."""
+    SECTIONS[name] = cls
+    return cls
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {tp}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is list:
+        (a,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, a, key) for v in value]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix}': expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' (known in '{prefix or 'top level'}': {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def make_config_class() -> type:
+    """A dataclass with one field per registered section (built late so sections can register)."""
+    return dataclasses.make_dataclass(
+        "Config", [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()]
+    )
+
+
+def from_dict(values: dict) -> Any:
+    return _build(make_config_class(), values, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`--data.batch_size=128` or `data.batch_size=128` -> (['data', 'batch_size'], 128). Values are YAML."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override '{text}': expected --section.key=value")
+    key, raw = body.split("=", 1)
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {p}: expected a mapping of sections at the top level")
+    values = apply_overrides(values, overrides or [])
+    return from_dict(values)
