@@ -1,0 +1,277 @@
+"""The converter on messy generated trees: both formats read back by their own libraries."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataprep.convert import ConversionError, convert
+from dataprep.layout import MANIFEST, DatasetError, open_dataset
+from dataprep.sources import SourceError, scan_source
+from dataprep.verify import VerifyError, verify
+from tests.datagen import CLASS_COLOURS, make_good_tree, make_messy_tree, save_jpeg, textured
+
+pytestmark = pytest.mark.timeout(300)
+CLASSES = ["cat", "dog", "eel"]
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("messy")
+    src = root / "src"
+    truth = make_messy_tree(src)
+    out = root / "out"
+    manifest = convert(src, out, workers=2, max_resolution=256, shard_size=5, progress=False, log=lambda s: None)
+    return src, out, manifest, truth
+
+
+def _dominant_class(img: np.ndarray) -> int | None:
+    """Index of the class colour nearest to the image's mean colour (None for the grayscale input)."""
+    mean = np.asarray(img, float).reshape(-1, 3).mean(0)
+    if mean.max() - mean.min() < 10:
+        return None
+    return int(np.argmin([np.abs(mean - np.asarray(CLASS_COLOURS[c])).sum() for c in CLASSES]))
+
+
+def _colour_matches(imgs, labels) -> int:
+    """How many colourful samples show their label's colour; asserts at most one grayscale sample."""
+    seen = [_dominant_class(np.asarray(im)) for im in imgs]
+    assert sum(s is None for s in seen) <= 1
+    return sum(s == lab for s, lab in zip(seen, labels) if s is not None) + sum(s is None for s in seen)
+
+
+def test_manifest_counts_and_skipped(messy):
+    src, out, m, truth = messy
+    assert m["classes"] == CLASSES
+    for split, n in truth["good"].items():
+        assert m["splits"][split]["num_samples"] == n
+        assert sum(m["splits"][split]["per_class"]) == n
+    skipped = {os.path.relpath(s["path"], src): s["reason"] for s in m["skipped"]}
+    assert set(skipped) == set(truth["bad"])  # exactly the broken files, hidden files ignored
+    for rel, word in truth["bad"].items():
+        assert word in skipped[rel], (rel, skipped[rel])
+    for rel, meta in m["files"].items():
+        assert (out / rel).stat().st_size == meta["size"]
+    assert m["settings"]["max_resolution"] == 256 and m["settings"]["formats"] == ["ffcv", "dali"]
+
+
+def test_samples_listing_names_sources(messy):
+    src, out, m, truth = messy
+    rows = (out / "train.samples.tsv").read_text().splitlines()[1:]
+    assert len(rows) == truth["good"]["train"]
+    sources = {Path(r.split("\t")[3]).name for r in rows}
+    assert {"gray.JPEG", "cmyk.JPEG", "png_in_disguise.JPEG", "palette.jpg", "ünïcödé_名前.JPEG", "inner.JPEG"} <= sources
+    labels = [int(r.split("\t")[2]) for r in rows]
+    assert labels == sorted(labels)  # canonical order: by label
+
+
+def test_ffcv_loader_reads_every_sample_with_its_label(messy):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    src, out, m, truth = messy
+    ds = open_dataset(out)
+    for split in ("train", "val"):
+        info = ds.split(split)
+        loader = Loader(str(info.beton_path), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL,
+                        pipelines={"image": [CenterCropRGBImageDecoder((32, 32), ratio=1.0)],
+                                   "label": [IntDecoder(), ToTensor()]})
+        labels, imgs = [], []
+        for img, lab in loader:
+            labels.append(int(lab[0, 0]))
+            assert img.shape == (1, 32, 32, 3)
+            imgs.append(np.array(img[0]))  # ffcv reuses its buffers
+        assert labels == info.labels.tolist()
+        assert _colour_matches(imgs, labels) == len(labels)
+
+
+def test_dali_cpu_reader_reads_every_sample_with_its_label(messy):
+    from nvidia.dali import fn, pipeline_def
+
+    src, out, m, truth = messy
+    ds = open_dataset(out)
+    for split in ("train", "val"):
+        info = ds.split(split)
+        shards = info.shards
+
+        @pipeline_def(batch_size=4, num_threads=2, device_id=None)
+        def pipe():
+            jpg, cls = fn.readers.webdataset(
+                paths=[str(out / s["tar"]) for s in shards], index_paths=[str(out / s["index"]) for s in shards],
+                ext=["jpg", "cls"], random_shuffle=False, pad_last_batch=True, name="reader")
+            return fn.decoders.image(jpg, device="cpu"), cls
+
+        p = pipe()
+        p.build()
+        n = info.num_samples
+        labels, decoded = [], []
+        for _ in range((n + 3) // 4):
+            imgs, clss = p.run()
+            for k in range(len(imgs)):
+                if len(labels) == n:
+                    break
+                labels.append(int(bytes(np.asarray(clss.at(k))).decode()))
+                decoded.append(np.array(imgs.at(k)))
+        assert labels == info.labels.tolist()
+        assert _colour_matches(decoded, labels) == n
+
+
+def test_all_outputs_are_rgb_jpeg_within_max_resolution(messy):
+    import tarfile
+    from PIL import Image
+
+    src, out, m, truth = messy
+    n = 0
+    for tar_path in sorted((out / "dali").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for mem in tar.getmembers():
+                if mem.name.endswith(".jpg"):
+                    im = Image.open(tar.extractfile(mem))
+                    assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) <= 256
+                    n += 1
+    assert n == sum(truth["good"].values())
+
+
+def test_verify_accepts_then_catches_tampering(messy, tmp_path):
+    import shutil
+
+    src, out, m, truth = messy
+    verify(out, log=lambda s: None)
+    verify(out, quick=True, log=lambda s: None)
+    work = tmp_path / "copy"
+    shutil.copytree(out, work)
+    tar = work / m["splits"]["train"]["dali_shards"][0]["tar"]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match="train-00000.tar"):
+        verify(work, log=lambda s: None)
+    # the beton's labels: corrupt one and keep its checksum out of the way to hit the label check
+    shutil.rmtree(work)
+    shutil.copytree(out, work)
+    (work / "val.beton").write_bytes(b"\0" * 10)
+    with pytest.raises(DatasetError, match="val.beton"):
+        verify(work, quick=True, log=lambda s: None)
+    (work / MANIFEST).unlink()
+    with pytest.raises(DatasetError, match="manifest.json"):
+        verify(work, log=lambda s: None)
+
+
+def test_cli_verify_exit_codes(messy, tmp_path):
+    src, out, m, truth = messy
+    ok = subprocess.run([sys.executable, "-m", "fastrsb", "verify", str(out), "--quick"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "fastrsb", "verify", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "manifest.json" in bad.stderr
+
+
+def test_strict_fails_without_manifest(tmp_path):
+    src = tmp_path / "src"
+    make_good_tree(src, 2)
+    (src / "cat" / "bad.JPEG").write_bytes(b"")
+    r = subprocess.run([sys.executable, "-m", "fastrsb", "convert", str(src), str(tmp_path / "out"), "--strict",
+                        "--workers", "1", "--no-progress", "--formats", "dali"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--strict" in r.stderr
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_single_tree_dali_only_and_class_list(tmp_path):
+    src = tmp_path / "src"
+    make_good_tree(src, 3)
+    (tmp_path / "classes.txt").write_text("eel\ncat\ndog\n")
+    m = convert(src, tmp_path / "out", formats=["dali"], workers=1, class_list=tmp_path / "classes.txt",
+                progress=False, log=lambda s: None)
+    assert list(m["splits"]) == ["train"] and m["classes"] == ["eel", "cat", "dog"]
+    assert not (tmp_path / "out" / "train.beton").exists() and "ffcv" not in m["splits"]["train"]
+    verify(tmp_path / "out", log=lambda s: None)
+
+
+def test_flat_val_loc_solution_and_devkit(tmp_path):
+    for layout in ("loc", "devkit"):
+        src = tmp_path / layout
+        make_good_tree(src / "train", 2, classes=("cat", "dog"))
+        names = {"cat": "n001", "dog": "n002"}
+        for c in ("cat", "dog"):
+            (src / "train" / c).rename(src / "train" / names[c])
+        val_labels = ["n002", "n001", "n002"]
+        for i, wnid in enumerate(val_labels):
+            colour = CLASS_COLOURS["dog" if wnid == "n002" else "cat"]
+            save_jpeg(textured(50, 40, colour, i), src / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+        if layout == "loc":
+            rows = "".join(f"ILSVRC2012_val_{i + 1:08d},{w} 1 2 3 4\n" for i, w in enumerate(val_labels))
+            (src / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + rows)
+        else:
+            # devkit ids are not in wnid order: id 1 -> n002, id 2 -> n001
+            (src / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n1\n")
+            (src / "ILSVRC2012_mapping.txt").write_text("1 n002\n2 n001\n")
+        m = convert(src, tmp_path / f"out_{layout}", formats=["dali"], workers=1, progress=False, log=lambda s: None)
+        assert m["classes"] == ["n001", "n002"]
+        assert m["splits"]["val"]["per_class"] == [1, 2], layout
+
+
+def test_flat_val_without_ground_truth_is_a_clear_error(tmp_path):
+    make_good_tree(tmp_path / "train", 1)
+    save_jpeg(textured(20, 20, (1, 2, 3), 0), tmp_path / "val" / "x.JPEG")
+    with pytest.raises(SourceError, match="ground_truth"):
+        scan_source(tmp_path)
+
+
+def test_bad_settings_name_the_option(tmp_path):
+    make_good_tree(tmp_path / "src", 1)
+    with pytest.raises(ConversionError, match="--jpeg-quality"):
+        convert(tmp_path / "src", tmp_path / "o", jpeg_quality=0, progress=False)
+    with pytest.raises(ConversionError, match="--formats"):
+        convert(tmp_path / "src", tmp_path / "o", formats=["tfrecord"], progress=False)
+
+
+def _wait_for(pred, proc, timeout=120.0):
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, "conversion finished before it could be killed"
+        assert time.time() - t0 < timeout, "timed out waiting for the conversion to reach the kill point"
+        time.sleep(0.02)
+
+
+def test_sigkill_then_rerun_resumes(tmp_path):
+    src = tmp_path / "src"
+    make_good_tree(src, 60, size=(160, 120))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastrsb", "convert", str(src), str(out), "--workers", "1", "--shard-size", "8",
+           "--no-progress"]
+    # kill 1: in the middle of the DALI shard pass
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(lambda: len(list((out / ".work").glob("train-*.json"))) >= 3, p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    with pytest.raises(DatasetError):
+        verify(out, log=lambda s: None)
+    done_before = {q.name: q.stat().st_mtime_ns for q in (out / ".work").glob("train-*.json")}
+    # kill 2: while the FFCV writer runs
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(lambda: (out / ".train.beton.partial").exists(), p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    with pytest.raises(DatasetError):
+        verify(out, log=lambda s: None)
+    for name, mtime in done_before.items():  # finished shards were re-used, not rewritten
+        assert (out / ".work" / name).stat().st_mtime_ns == mtime
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "re-using" in r.stdout
+    verify(out, log=lambda s: None)
+    # the resumed dataset equals a clean conversion
+    clean = convert(src, tmp_path / "clean", workers=1, shard_size=8, progress=False, log=lambda s: None)
+    resumed = json.loads((out / MANIFEST).read_text())
+    assert resumed["splits"] == json.loads(json.dumps(clean["splits"]))
+    for rel, meta in clean["files"].items():
+        if not rel.endswith(".beton"):  # ffcv's page layout depends on worker timing; its samples are verified
+            assert resumed["files"][rel] == meta, rel
