@@ -61,10 +61,17 @@ def repeat(fn: Callable[[], float], repeats: int = 3, warmup: int = 1) -> list[f
     return [fn() for _ in range(repeats)]
 
 
+def command_line() -> str:
+    """How this process was started, as a user would retype it."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {spec.name}" if spec is not None and spec.name != "__main__" else Path(sys.argv[0]).name
+    return " ".join([prog.removesuffix(".__main__"), *sys.argv[1:]])
+
+
 def write_result(path: str | Path, kind: str, results: list[dict], extra: dict | None = None) -> dict:
     doc = {
         "benchmark": kind,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
         **(extra or {}),
