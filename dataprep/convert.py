@@ -21,6 +21,9 @@ import shutil
 import sys
 import time
 import types
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,15 +82,56 @@ def _fingerprint(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _prepare_task(task: tuple[int, str, int, int]):
-    """Pool worker: (candidate, path, max_res, quality) -> (candidate, PreparedImage | reason str)."""
-    cand, path, max_res, quality = task
+def _prepare_one(cand: int, path: str, max_res: int, quality: int):
+    """(candidate, PreparedImage | reason str) for one source file."""
     try:
         return cand, prepare_image(path, max_res, quality)
     except BadImage as e:
         return cand, str(e)
     except Exception as e:  # an unforeseen decoder failure must not stop the conversion
         return cand, f"decoder error: {type(e).__name__}: {e}"
+
+
+def _prepare_chunk(tasks: list[tuple[int, str, int, int]]):
+    return [_prepare_one(*t) for t in tasks]
+
+
+def _prepare_isolated(task: tuple[int, str, int, int]):
+    """Run one file in a throw-away process: a decoder that kills its process (a segfault in a
+    codec, the OOM killer) costs that file, not the conversion."""
+    ctx = mp.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        try:
+            return ex.submit(_prepare_one, *task).result()
+        except BrokenProcessPool:
+            return task[0], "the decoder crashed its process on this file"
+
+
+def _prepared_in_order(todo: list, workers: int, chunk: int = 8):
+    """Yield (candidate, result) for todo in order, on `workers` processes with a bounded window
+    in flight. If a worker process dies, the chunks that were in flight are redone one file at a
+    time in isolation, so only the file that kills its decoder is lost (a multiprocessing.Pool
+    would wait forever for the lost task)."""
+    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    ctx = mp.get_context("fork")
+    next_chunk = 0
+    while next_chunk < len(chunks):
+        redo: list[int] = []
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+            inflight: deque = deque()
+            try:
+                while next_chunk < len(chunks) or inflight:
+                    while next_chunk < len(chunks) and len(inflight) < 4 * workers:
+                        inflight.append((next_chunk, ex.submit(_prepare_chunk, chunks[next_chunk])))
+                        next_chunk += 1
+                    results = inflight[0][1].result()
+                    inflight.popleft()
+                    yield from results
+            except BrokenProcessPool:
+                redo = [k for k, _ in inflight]
+        for k in redo:
+            for task in chunks[k]:
+                yield _prepare_isolated(task)
 
 
 class _FfcvSamples:
@@ -235,16 +279,13 @@ class _Converter:
         results: dict[int, object] = {}
         by_stem = {sh["stem"]: i for i, sh in enumerate(plan)}
         queue = list(pending)
-        if todo:
-            ctx = mp.get_context("fork")
-            with ctx.Pool(self.workers) as pool:
-                for cand, r in pool.imap(_prepare_task, todo, chunksize=8):
-                    results[cand] = r
-                    bar.update(1)
-                    head = queue[0]
-                    if cand == head["start"] + len(head["chunk"]) - 1:  # imap is ordered: shard complete
-                        sides[by_stem[head["stem"]]] = self._finish_shard(head, results)
-                        queue.pop(0)
+        for cand, r in _prepared_in_order(todo, self.workers):
+            results[cand] = r
+            bar.update(1)
+            head = queue[0]
+            if cand == head["start"] + len(head["chunk"]) - 1:  # results arrive in order: shard complete
+                sides[by_stem[head["stem"]]] = self._finish_shard(head, results)
+                queue.pop(0)
         bar.close()
         return sides  # type: ignore[return-value]
 

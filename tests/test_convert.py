@@ -275,3 +275,24 @@ def test_sigkill_then_rerun_resumes(tmp_path):
     for rel, meta in clean["files"].items():
         if not rel.endswith(".beton"):  # ffcv's page layout depends on worker timing; its samples are verified
             assert resumed["files"][rel] == meta, rel
+
+
+def test_a_decoder_that_kills_its_process_costs_only_that_file(tmp_path, monkeypatch):
+    """Fault injection: a codec segfault on one file (forked workers inherit the patch)."""
+    import dataprep.convert as conv
+
+    src = tmp_path / "src"
+    make_good_tree(src, 12)
+    real = conv.prepare_image
+
+    def crashing(path, *a):
+        if Path(path).name == "dog_0005.JPEG":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(path, *a)
+
+    monkeypatch.setattr(conv, "prepare_image", crashing)
+    m = convert(src, tmp_path / "out", formats=["dali"], workers=2, shard_size=5, progress=False, log=lambda s: None)
+    assert [Path(s["path"]).name for s in m["skipped"]] == ["dog_0005.JPEG"]
+    assert "crashed" in m["skipped"][0]["reason"]
+    assert m["splits"]["train"]["num_samples"] == 35
+    verify(tmp_path / "out", log=lambda s: None)
