@@ -1,0 +1,106 @@
+"""DALI backend: JPEG bytes read from the tar shards in the shared sampler's order through an
+external source, decoded by nvjpeg ("mixed", ROI decode of the random crop) on a GPU or by
+DALI's CPU decoder without one. Same pipeline code for both; device is a parameter."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fastrsb.data.base import Batch
+from fastrsb.data.common import SplitLoader, to_device
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+class ShardSource:
+    """Batch source for fn.external_source: the JPEG bytes and labels of one epoch, in order.
+
+    Reading is a few pread calls per batch (decode happens in DALI's threads), so it runs in
+    the main process, where set_epoch can change the order without rebuilding the pipeline."""
+
+    def __init__(self, locations, labels: np.ndarray, batch_size: int):
+        self.loc, self.labels, self.batch_size = locations, labels, batch_size
+        self.fds = [os.open(p, os.O_RDONLY) for p in locations.tar_paths]
+        self.order = np.zeros(0, np.int64)
+        self.pos = 0
+
+    def start(self, order: np.ndarray) -> None:
+        self.order, self.pos = order, 0
+
+    def __call__(self):
+        if self.pos >= len(self.order):
+            raise StopIteration
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += len(idx)
+        jpegs = [np.frombuffer(os.pread(self.fds[self.loc.shard[i]], int(self.loc.size[i]), int(self.loc.offset[i])),
+                               np.uint8) for i in idx]
+        return jpegs, [np.array([self.labels[i]], np.int32) for i in idx]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class DaliBackend(SplitLoader):
+    def __init__(self, cfg, split, dist, info, num_classes):
+        super().__init__(cfg, split, dist, info.num_samples, num_classes)
+        if cfg.interpolation not in _INTERP:
+            raise ValueError(f"data.interpolation: expected one of {sorted(_INTERP)}, got {cfg.interpolation!r}")
+        decode = cfg.dali_decode
+        if decode == "auto":
+            decode = "mixed" if dist.device.type == "cuda" else "cpu"
+        if decode not in ("cpu", "mixed"):
+            raise ValueError(f"data.dali_decode: expected auto, cpu or mixed, got {cfg.dali_decode!r}")
+        if decode == "mixed" and dist.device.type != "cuda":
+            raise ValueError("data.dali_decode=mixed needs a cuda device; this run is on the cpu")
+        self.decode = decode
+        self.device_id = dist.device.index if dist.device.type == "cuda" else None
+        self.source = ShardSource(info.shard_locations(), info.labels, self.batch_size)
+        self._pipe_res: int | None = None
+        self._iter: DALIGenericIterator | None = None
+
+    def _build(self, res: int) -> DALIGenericIterator:
+        cfg, train = self.cfg, self.train
+        dev_out = "gpu" if self.decode == "mixed" else "cpu"
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.workers, device_id=self.device_id,
+                      seed=cfg.seed * 1000 + self.dist.rank, prefetch_queue_depth=max(1, cfg.prefetch),
+                      exec_dynamic=True)
+        def pipe():
+            jpegs, labels = fn.external_source(source=self.source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+            if train:
+                images = fn.decoders.image_random_crop(jpegs, device=self.decode, output_type=types.RGB,
+                                                       random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio))
+                images = fn.resize(images, device=dev_out, resize_x=res, resize_y=res, interp_type=_INTERP[cfg.interpolation],
+                                   antialias=True)
+                images = fn.flip(images, device=dev_out, horizontal=fn.random.coin_flip())
+            else:
+                images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
+                images = fn.resize(images, device=dev_out, resize_shorter=float(int(res / cfg.crop_pct)),
+                                   interp_type=_INTERP[cfg.interpolation], antialias=True)
+                images = fn.crop(images, device=dev_out, crop=(res, res))
+            if dev_out == "gpu":
+                labels = labels.gpu()
+            return images, labels
+
+        p = pipe()
+        p.build()
+        return DALIGenericIterator([p], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
+                                   auto_reset=False, prepare_first_batch=False)
+
+    def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
+        if self._iter is None or self._pipe_res != self.resolution:
+            self._iter = self._build(self.resolution)
+            self._pipe_res = self.resolution
+        else:
+            self._iter.reset()
+        self.source.start(indices)
+        host = ((out[0]["images"], out[0]["labels"]) for out in self._iter)
+        return to_device(host, self.dist.device, self.cfg.prefetch)

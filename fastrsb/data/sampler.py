@@ -1,0 +1,65 @@
+"""The one sampler: a pure function of (dataset size, seed, epoch, rank, world, repeats, start batch).
+
+Hand-written because the order has to be shared by backends that have nothing in common (an
+FFCV TraversalOrder, a DALI external source, a torch DataLoader): with one order, backend A/B
+comparisons see the same images, and a resumed run sees exactly the batches it had left.
+Train order follows torch's DistributedSampler (no repeats) and timm's RepeatAugSampler
+(repeats), seeded with torch.randperm exactly as they are, so seed 0 reproduces timm's order.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_samples, dtype=np.int64)
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch)  # seed 0 -> timm's / torch's manual_seed(epoch)
+    return torch.randperm(num_samples, generator=g).numpy()
+
+
+def repeat_aug_length(num_samples: int, world_size: int, num_repeats: int, selected_round: int = 256) -> int:
+    """Per-rank samples per epoch under repeated augmentation (timm's RepeatAugSampler):
+    about one dataset's worth per epoch in total, rounded down to `selected_round`."""
+    per_rank_total = math.ceil(num_samples * num_repeats / world_size)
+    if selected_round and num_samples >= selected_round:
+        selected = num_samples // selected_round * selected_round // world_size
+    else:
+        selected = math.ceil(num_samples / world_size)
+    return min(selected, per_rank_total)
+
+
+def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
+    """This rank's sample indices for the epoch, from batch `start_batch` on.
+
+    Train (shuffle, drop_last): a seeded permutation, sharded across ranks, cut to whole batches.
+    With num_repeats > 1 every image appears num_repeats times in a row in the global order and
+    the copies are dealt to consecutive ranks, so they land on different ranks.
+    Val (shuffle=False, drop_last=False): every sample exactly once across ranks, no padding.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    if num_repeats < 1:
+        raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
+    order = _permutation(num_samples, seed, epoch, shuffle)
+    if num_repeats > 1:
+        order = np.repeat(order, num_repeats)
+        total = math.ceil(num_samples * num_repeats / world_size) * world_size
+        picks = np.arange(rank, total, world_size)[: repeat_aug_length(num_samples, world_size, num_repeats)]
+        mine = order[picks % len(order)]  # wraps around to pad, as timm does
+    elif drop_last:
+        mine = order[rank: num_samples - num_samples % world_size: world_size]
+    else:
+        mine = order[rank::world_size]
+    if drop_last:
+        mine = mine[: len(mine) // batch_size * batch_size]
+    return mine[start_batch * batch_size:]
+
+
+def num_batches(num_indices: int, batch_size: int, drop_last: bool) -> int:
+    return num_indices // batch_size if drop_last else -(-num_indices // batch_size)
