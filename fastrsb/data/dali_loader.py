@@ -96,11 +96,11 @@ class DaliBackend(SplitLoader):
                                    auto_reset=False, prepare_first_batch=False)
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
+        self.source.start(indices)  # before reset: resetting starts prefetching from the source
         if self._iter is None or self._pipe_res != self.resolution:
             self._iter = self._build(self.resolution)
             self._pipe_res = self.resolution
         else:
             self._iter.reset()
-        self.source.start(indices)
         host = ((out[0]["images"], out[0]["labels"]) for out in self._iter)
         return to_device(host, self.dist.device, self.cfg.prefetch)
