@@ -9,6 +9,7 @@ import sys
 # so `fastrsb --help` is instant.
 COMMAND_MODULES = [
     "dataprep.cli",
+    "fastrsb.run_cli",
 ]
 
 

@@ -56,13 +56,95 @@ class AugmentConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "augment": AugmentConfig}
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # anything timm.create_model makes
+    drop_path_rate: float = 0.0  # stochastic depth
+    drop_rate: float = 0.0  # dropout before the classifier
+    blurpool: bool = False  # anti-aliased downsampling (timm aa_layer=BlurPool2d), as ffcv-imagenet's use_blurpool
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
 
 
-def register_section(name: str, cls: type) -> type:
-    """Add a top-level section (used by modules that own one, e.g. the trainer)."""
-    SECTIONS[name] = cls
-    return cls
+@dataclass
+class OptimConfig:
+    name: str = "lamb"  # timm optimizer name: lamb | sgd (nesterov) | momentum | adamw | ...
+    lr: float = 5e-3  # at the global batch lr_ref_batch (or as is when lr_ref_batch is 0)
+    lr_ref_batch: int = 0  # >0: lr scales linearly with global batch / lr_ref_batch
+    weight_decay: float = 0.01  # never applied to parameters with ndim <= 1 (biases, norms)
+    momentum: float = 0.9
+    clip_grad: float = 0.0  # max grad norm; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | cyclic (ffcv triangular) | step
+    warmup_epochs: float = 5.0
+    warmup_start: float = 1e-4  # warmup starts at lr * warmup_start
+    min_lr: float = 1e-6  # cosine floor (absolute)
+    cooldown_epochs: float = 0.0  # epochs held at min_lr after the cosine (counted inside train.epochs)
+    peak_epoch: float = 2.0  # cyclic: linear 1e-4*lr -> lr at peak_epoch -> 0 at the end
+    step_epochs: float = 30.0  # step: multiply by step_ratio every step_epochs
+    step_ratio: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    kind: str = "ce"  # ce | bce
+    label_smoothing: float = 0.0
+    bce_target_threshold: float | None = None  # RSB: 0.2
+    kd_teacher: str = ""  # local checkpoint of a teacher (a fastrsb checkpoint or a state_dict file); "" = no KD
+    kd_teacher_model: str = ""  # timm name of the teacher architecture (default: model.name)
+    kd_weight: float = 0.8  # loss = kd_weight * KL(teacher) + (1 - kd_weight) * task loss
+    kd_temperature: float = 1.0
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+    warmup: bool = False  # timm's EMA warmup of the decay
+
+
+@dataclass
+class ProgressiveConfig:
+    """FFCV-style progressive resizing: train res ramps min_res -> max_res between the epochs."""
+
+    enabled: bool = False
+    min_res: int = 160
+    max_res: int = 192
+    start_ramp: int = 0
+    end_ramp: int = 0
+    step: int = 32  # resolutions are multiples of this
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto (bf16 on cuda, none on cpu) | bf16 | fp16 | none
+    seed: int = 0
+    log_interval: int = 50  # steps between host syncs (metrics line, progress bar)
+    checkpoint_every_epochs: int = 1
+    checkpoint_every_minutes: float = 30.0
+    keep_checkpoints: int = 5  # newest kept; best-by-val ones are kept for `fastrsb average`
+    eval_every_epochs: int = 1
+    flip_tta: bool = False  # evaluate on the image and its mirror (ffcv-imagenet lr_tta)
+    cudnn_benchmark: bool = True
+    tensorboard: bool = False
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "loss": LossConfig,
+    "ema": EmaConfig,
+    "progressive": ProgressiveConfig,
+    "train": TrainConfig,
+}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -39,8 +39,13 @@ class SplitLoader:
             num_repeats=self.cfg.num_repeats if self.train else 1, shuffle=self.train, drop_last=self.train,
             start_batch=self.start_batch if start_batch is None else start_batch)
 
+    @property
+    def epoch_length(self) -> int:
+        """Samples this rank sees in a whole epoch."""
+        return len(self.indices(start_batch=0))
+
     def __len__(self) -> int:
-        return num_batches(len(self.indices(start_batch=0)), self.batch_size, self.train)
+        return num_batches(self.epoch_length, self.batch_size, self.train)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch

@@ -36,7 +36,12 @@ class ShardDataset(Dataset):
             fd = self._fds[j] = os.open(self.loc.tar_paths[j], os.O_RDONLY)
         return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: tuple[int, int]):
+        """item = (sample index, augmentation seed). Seeding each sample makes the augmentation a
+        pure function of (seed, epoch, rank, position in epoch): independent of the worker count,
+        and exact when a run resumes mid-epoch."""
+        i, seed = item
+        torch.manual_seed(seed)
         with Image.open(io.BytesIO(self.read(i))) as im:
             img = self.transform(im.convert("RGB"))
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()), int(self.labels[i])
@@ -63,8 +68,10 @@ class TorchLoader(SplitLoader):
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
         bs = self.batch_size
-        batches = [indices[i:i + bs].tolist() for i in range(0, len(indices), bs)]
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch * 31 + self.dist.rank)
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, generator=g,
+        first = self.epoch_length - len(indices)  # position of indices[0] in the whole epoch (resume)
+        base = (self.cfg.seed * 1_000_003 + self.epoch) * 1_000_003 + self.dist.rank * 100_003
+        items = [(int(i), base + first + k) for k, i in enumerate(indices)]
+        batches = [items[k:k + bs] for k in range(0, len(items), bs)]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=self.dist.device.type == "cuda", prefetch_factor=4 if self.workers else None)
         return to_device(loader, self.dist.device, self.cfg.prefetch)

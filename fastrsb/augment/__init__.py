@@ -1,0 +1,3 @@
+from fastrsb.augment.batch import BatchAugment, build_batch_augment
+
+__all__ = ["BatchAugment", "build_batch_augment"]

@@ -1,0 +1,86 @@
+"""Checkpoints: written atomically, loaded with weights_only=True, a corrupt one refused whole."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+REQUIRED = ("model", "optimizer", "epoch", "batch_in_epoch", "step", "config")
+_NAME = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be loaded (truncated, corrupt, or missing required entries)."""
+
+
+def code_version() -> str:
+    """git describe of the source tree when available, else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from importlib.metadata import version
+
+    return version("fastrsb")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"ckpt_e{epoch:04d}_s{step:09d}.pt"
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | Path, required: tuple[str, ...] = REQUIRED) -> dict:
+    """Load a whole checkpoint or raise CheckpointError; nothing is half-loaded."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except Exception as e:  # truncated zip, bad pickle, unsafe type: all mean "do not trust this file"
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fastrsb checkpoint: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        missing = [k for k in required if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return state
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints in the directory, newest (highest step) first."""
+    found = [(int(m.group(2)), p) for p in ckpt_dir.glob("ckpt_e*_s*.pt") if (m := _NAME.search(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_loadable(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads cleanly; corrupt ones are skipped with a warning."""
+    for p in list_checkpoints(ckpt_dir):
+        try:
+            return p, load(p)
+        except CheckpointError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    return None
+
+
+def prune(ckpt_dir: Path, keep: int, metric_of: dict[str, float]) -> None:
+    """Keep the newest `keep` checkpoints and the `keep` best by val metric (for averaging)."""
+    ckpts = list_checkpoints(ckpt_dir)
+    newest = set(ckpts[:keep])
+    best = set(sorted((p for p in ckpts if p.name in metric_of), key=lambda p: -metric_of[p.name])[:keep])
+    for p in ckpts:
+        if p not in newest and p not in best:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""Optimizers through timm, and the learning rate as a pure function of the step."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+
+from fastrsb.config import OptimConfig, ScheduleConfig
+
+
+def base_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The configured lr, scaled linearly to the run's global batch when lr_ref_batch is set."""
+    return cfg.lr * global_batch / cfg.lr_ref_batch if cfg.lr_ref_batch else cfg.lr
+
+
+def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's factory; filter_bias_and_bn puts every parameter with ndim <= 1 (biases, all norm
+    weights, downsample BN included) in a group without weight decay."""
+    name = cfg.name
+    kwargs = {}
+    if name in ("sgd", "nesterov", "momentum"):
+        kwargs["momentum"] = cfg.momentum
+    try:
+        return create_optimizer_v2(model, opt=name, lr=lr, weight_decay=cfg.weight_decay,
+                                   filter_bias_and_bn=True, **kwargs)
+    except (AssertionError, ValueError) as e:
+        raise ValueError(f"optim.name={name!r}: {e}") from e
+
+
+def lr_at(step: float, steps_per_epoch: int, epochs: int, peak_lr: float, cfg: ScheduleConfig) -> float:
+    """Learning rate at a (fractional) global step. Pure: resume and tests just call it."""
+    epoch = step / steps_per_epoch
+    if cfg.kind == "cyclic":  # ffcv-imagenet: linear up to the peak, linear down to 0 at the end
+        return float(np.interp(epoch, [0, cfg.peak_epoch, epochs], [1e-4 * peak_lr, peak_lr, 0.0]))
+    warm = cfg.warmup_epochs
+    if epoch < warm:
+        start = peak_lr * cfg.warmup_start
+        return start + (peak_lr - start) * epoch / warm
+    if cfg.kind == "step":
+        return peak_lr * cfg.step_ratio ** math.floor(epoch / cfg.step_epochs)
+    if cfg.kind != "cosine":
+        raise ValueError(f"schedule.kind: expected cosine, cyclic or step, got {cfg.kind!r}")
+    decay_end = epochs - cfg.cooldown_epochs
+    if epoch >= decay_end:
+        return cfg.min_lr
+    t = (epoch - warm) / max(decay_end - warm, 1e-12)
+    return cfg.min_lr + 0.5 * (peak_lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def resolution_at(epoch: int, cfg, default: int) -> int:
+    """FFCV-style progressive resizing: min_res until start_ramp, linear to max_res at end_ramp,
+    rounded to a multiple of `step`."""
+    if not cfg.enabled:
+        return default
+    res = np.interp(epoch, [cfg.start_ramp, cfg.end_ramp], [cfg.min_res, cfg.max_res])
+    return int(round(res / cfg.step)) * cfg.step
