@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -47,6 +48,13 @@ class ShardDataset(Dataset):
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()), int(self.labels[i])
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the trainer, which finishes its step and checkpoints;
+    a scheduler signalling the whole process group must not kill the loader under it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _transform(train: bool, res: int, cfg) -> T.Compose:
     interp = _INTERP[cfg.interpolation]
     if train:
@@ -73,5 +81,6 @@ class TorchLoader(SplitLoader):
         items = [(int(i), base + first + k) for k, i in enumerate(indices)]
         batches = [items[k:k + bs] for k in range(0, len(items), bs)]
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                            worker_init_fn=_ignore_stop_signals,
                             pin_memory=self.dist.device.type == "cuda", prefetch_factor=4 if self.workers else None)
         return to_device(loader, self.dist.device, self.cfg.prefetch)
