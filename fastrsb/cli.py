@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "dataprep.cli",
     "fastrsb.run_cli",
+    "fastrsb.bench.cli",
 ]
 
 

@@ -77,6 +77,8 @@ class Trainer:
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         t = cfg.train
         seed_everything(t.seed * 1000 + dist.rank)
         if dist.device.type == "cuda":
@@ -227,8 +229,9 @@ class Trainer:
             flag = bool(t.item() > 0)
         return flag
 
-    def train_epoch(self, bar: tqdm | None) -> bool:
-        """One (possibly resumed) epoch. Returns False when a stop signal ended it early."""
+    def train_epoch(self, bar: tqdm | None, max_steps: int | None = None) -> bool:
+        """One (possibly resumed) epoch, or its first max_steps steps (benchmarks).
+        Returns False when a stop signal ended it early."""
         t, dev = self.cfg.train, self.dist.device
         res = resolution_at(self.epoch, self.cfg.progressive, self.cfg.data.train_res)
         self.train_loader.set_resolution(res)
@@ -237,12 +240,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=dev)
         nonfinite = torch.zeros((), device=dev, dtype=torch.bool)
         seen, steps, wait, window_start = 0, 0, 0.0, time.perf_counter()
+        steps_done = 0
         it = iter(self.train_loader)
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
             wait += time.perf_counter() - t0
-            if batch is None:
+            if batch is None or steps_done == max_steps:
                 break
             lr = self._set_lr()
             x, y = self.train_aug(batch.images, batch.targets)
@@ -263,6 +267,7 @@ class Trainer:
             nonfinite |= ~torch.isfinite(loss)
             seen += x.shape[0]
             steps += 1
+            steps_done += 1
             self.step += 1
             self.batch_in_epoch += 1
             at_log = self.step % t.log_interval == 0
@@ -310,7 +315,6 @@ class Trainer:
         """Train to the configured number of epochs (from wherever the state is). Returns the final
         metrics, or {'interrupted': True, ...} when a signal ended the run after a checkpoint."""
         t = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         old = self._install_signal_handlers()
         total = t.epochs * self.steps_per_epoch
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,

@@ -1,0 +1,106 @@
+"""`fastrsb bench loader | model | e2e | scaling`."""
+from __future__ import annotations
+
+import argparse
+
+
+def _out(args, kind: str, rows: list[dict], columns: list[str], label_key: str, title: str, extra: dict) -> None:
+    from fastrsb.bench.report import plot_bars, print_table, write_result
+    from fastrsb.dist import init_distributed
+
+    if not init_distributed(getattr(args, "device", "auto")).is_main:
+        return
+    print_table(rows, columns)
+    if args.json:
+        write_result(args.json, kind, rows, extra)
+    if args.plot:
+        plot_bars(args.plot, [str(r[label_key]) for r in rows], [r["images_per_sec"] for r in rows],
+                  [(r["min"], r["max"]) for r in rows], "images/sec (median, min-max)", title)
+
+
+def _loader(args) -> int:
+    from fastrsb.bench.suite import bench_loader
+
+    rows = bench_loader(args.data, args.backends.split(","), args.batch_size, args.res, args.workers, args.repeats,
+                        args.device, not args.no_bare, not args.no_decode_limit)
+    _out(args, "loader", rows, ["backend", "images_per_sec", "min", "max", "vs_torch", "vs_bare_library",
+                                "fraction_of_decode_limit"], "backend",
+         f"loader only: uint8 {args.res}px train batches of {args.batch_size}",
+         {"settings": {"data": args.data, "batch_size": args.batch_size, "res": args.res, "workers": args.workers}})
+    return 0
+
+
+def _model(args) -> int:
+    from fastrsb.bench.suite import bench_model
+
+    rows = [bench_model(args.model, args.res, args.batch_size, args.channels_last, args.amp, args.compile,
+                        args.steps, args.repeats, args.device)]
+    _out(args, "model", rows, ["model", "res", "batch_size", "amp", "compile", "device", "images_per_sec", "min", "max",
+                               "achieved_tflops", "fraction_of_peak_bf16"], "model",
+         f"model only: {args.model} train step, synthetic data", {})
+    return 0
+
+
+def _e2e(args) -> int:
+    from fastrsb.bench.suite import bench_e2e
+
+    rows = [bench_e2e(args.config, args.data, args.backend, args.steps, args.repeats, args.overrides, args.device)]
+    _out(args, "e2e", rows, ["backend", "world_size", "images_per_sec", "min", "max", "data_stall"], "backend",
+         f"end to end: {args.config}", {})
+    return 0
+
+
+def _scaling(args) -> int:
+    from fastrsb.bench.suite import bench_scaling
+
+    rows = bench_scaling(args.config, args.data, args.backend, [int(k) for k in args.nprocs.split(",")], args.steps,
+                         args.repeats, args.overrides, args.device)
+    _out(args, "scaling", rows, ["processes", "images_per_sec", "min", "max", "data_stall", "scaling_efficiency"],
+         "processes", f"scaling: {args.config} on {args.backend}", {})
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=3, help="measured repeats after one warm-up (default 3)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", default=None, help="write results with machine, versions and command")
+    p.add_argument("--plot", default=None, help="write a bar chart (PNG)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="throughput benchmarks: loader, model, e2e, scaling")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+
+    p = bsub.add_parser("loader", help="loader-only images/sec, side by side (+ bare libraries and decode limit)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--backends", default="ffcv,dali,torch")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--workers", type=int, default=0, help="decode workers/threads (default: all cores)")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare-library rows")
+    p.add_argument("--no-decode-limit", action="store_true", help="skip the decode-only row")
+    _common(p)
+    p.set_defaults(func=_loader)
+
+    m = bsub.add_parser("model", help="train-step images/sec on synthetic device data (the ceiling)")
+    m.add_argument("--model", default="resnet50")
+    m.add_argument("--res", type=int, default=224)
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    m.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    m.add_argument("--compile", action="store_true")
+    m.add_argument("--steps", type=int, default=20, help="measured steps per repeat")
+    _common(m)
+    m.set_defaults(func=_model)
+
+    for name, fn, helptext in (("e2e", _e2e, "real loader + augment + train step: images/sec and data stall"),
+                               ("scaling", _scaling, "e2e at several process counts (torchrun), scaling efficiency")):
+        e = bsub.add_parser(name, help=helptext, description=helptext + "; extra --section.key=value override the recipe")
+        e.add_argument("--config", required=True)
+        e.add_argument("--data", required=True)
+        e.add_argument("--backend", default="ffcv")
+        e.add_argument("--steps", type=int, default=50, help="measured steps per repeat (capped at an epoch)")
+        if name == "scaling":
+            e.add_argument("--nprocs", default="1,2")
+        _common(e)
+        e.set_defaults(func=fn, accepts_overrides=True)

@@ -1,0 +1,226 @@
+"""The benchmark suite: loader-only, model-only, end-to-end and scaling throughput.
+
+Every measurement excludes warm-up, repeats at least three times and reports min/median/max;
+results carry the machine, versions and command (fastrsb.bench.report).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastrsb.bench.report import summarize
+from fastrsb.config import load_config
+from fastrsb.dist import DistInfo, init_distributed
+
+# forward + backward of ResNet-50 at 224 px, per image (3x the 4.1 GFLOP forward; multiply-add = 2 FLOP)
+RN50_TRAIN_GFLOP_224 = 24.7
+# dense bf16 tensor-core peaks (TFLOP/s) of GPUs we may meet, to report achieved fraction
+GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def _loader_cfg(data: str, backend: str, batch_size: int, res: int, workers: int, extra=()):
+    return load_config(None, [f"data.path={data}", f"data.backend={backend}", f"data.batch_size={batch_size}",
+                              f"data.train_res={res}", f"data.workers={workers}", *extra])
+
+
+def _time_epochs(iterable_factory, repeats: int, sync) -> list[float]:
+    """images/sec of whole epochs; the first epoch is warm-up (compilation, page cache)."""
+    out = []
+    for i in range(repeats + 1):
+        n, t0 = 0, time.perf_counter()
+        for images in iterable_factory(i):
+            n += images.shape[0]
+        sync()
+        if i:
+            out.append(n / (time.perf_counter() - t0))
+    return out
+
+
+def bare_ffcv(data: str, batch_size: int, res: int, workers: int, device: torch.device):
+    """A plain ffcv Loader doing the same work as the fastrsb ffcv backend (RRC + flip, uint8 out)."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
+
+    from dataprep.layout import open_dataset
+
+    image = [RandomResizedCropRGBImageDecoder((res, res)), RandomHorizontalFlip(), ToTensor()]
+    label = [IntDecoder(), ToTensor(), Squeeze()]
+    if device.type == "cuda":
+        image.append(ToDevice(device, non_blocking=True))
+        label.append(ToDevice(device, non_blocking=True))
+    loader = Loader(str(open_dataset(data).split("train").beton_path), batch_size=batch_size, num_workers=workers,
+                    order=OrderOption.RANDOM, drop_last=True, pipelines={"image": image, "label": label})
+    return lambda _i: (imgs for imgs, _ in loader)
+
+
+def bare_dali(data: str, batch_size: int, res: int, workers: int, device: torch.device):
+    """A plain DALI pipeline doing the same work: its own webdataset reader, ROI decode, resize, flip."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from dataprep.layout import open_dataset
+
+    split = open_dataset(data).split("train")
+    on_gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=device.index if on_gpu else None, seed=0)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(paths=[str(split.root / s["tar"]) for s in split.shards],
+                                         index_paths=[str(split.root / s["index"]) for s in split.shards],
+                                         ext=["jpg", "cls"], random_shuffle=True, pad_last_batch=True, name="reader")
+        img = fn.decoders.image_random_crop(jpg, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+        dev = "gpu" if on_gpu else "cpu"
+        img = fn.resize(img, device=dev, resize_x=res, resize_y=res, antialias=True)
+        return fn.flip(img, device=dev, horizontal=fn.random.coin_flip()), cls
+
+    p = pipe()
+    p.build()
+    it = DALIGenericIterator([p], ["images", "labels"], reader_name="reader", auto_reset=True,
+                             last_batch_policy=LastBatchPolicy.DROP)
+    return lambda _i: (out[0]["images"] for out in it)
+
+
+def bench_loader(data: str, backends: list[str], batch_size: int, res: int, workers: int, repeats: int,
+                 device: str = "auto", bare: bool = True, decode_limit: bool = True) -> list[dict]:
+    """images/sec of each backend (and the bare libraries) producing uint8 train batches on the device."""
+    from fastrsb.bench.decode import decode_throughput
+    from fastrsb.data import create_loader
+
+    dist = init_distributed(device)
+    dev = dist.device
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    rows = []
+    for backend in backends:
+        loader = create_loader(_loader_cfg(data, backend, batch_size, res, workers), "train", dist)
+
+        def epoch(i, loader=loader):
+            loader.set_epoch(i)
+            return (b.images for b in loader)
+
+        rows.append({"backend": backend, **_summary(_time_epochs(epoch, repeats, sync))})
+        if bare and backend in ("ffcv", "dali"):
+            factory = (bare_ffcv if backend == "ffcv" else bare_dali)(data, batch_size, res, workers, dev)
+            rows.append({"backend": f"bare {backend}", **_summary(_time_epochs(factory, repeats, sync))})
+    if decode_limit:
+        limit = summarize([decode_throughput(data, "train", workers) for _ in range(repeats)])
+        rows.append({"backend": "decode limit (PIL/libjpeg-turbo, all workers)", "images_per_sec": limit["median"],
+                     "min": limit["min"], "max": limit["max"], "repeats": limit["repeats"]})
+        for r in rows:
+            r["fraction_of_decode_limit"] = r["images_per_sec"] / limit["median"]
+    by_name = {r["backend"]: r["images_per_sec"] for r in rows}
+    for r in rows:
+        if "torch" in by_name:
+            r["vs_torch"] = r["images_per_sec"] / by_name["torch"]
+        bare_name = f"bare {r['backend']}"
+        if bare_name in by_name:
+            r["vs_bare_library"] = r["images_per_sec"] / by_name[bare_name]
+    return rows
+
+
+def _summary(values: list[float]) -> dict:
+    s = summarize(values)
+    return {"images_per_sec": s["median"], "min": s["min"], "max": s["max"], "repeats": s["repeats"]}
+
+
+def _trainer(cfg_path: str | None, overrides: list[str], dist: DistInfo, run_dir: Path):
+    from fastrsb.trainer import Trainer
+
+    return Trainer(load_config(cfg_path, overrides), run_dir, dist)
+
+
+def _measure_steps(trainer, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Run `steps` train steps per repeat (one warm-up repeat first); images/sec and data stall
+    from the trainer's own meters (its metrics lines), one value per repeat."""
+    metrics = trainer.run_dir / "metrics.jsonl"
+    ips, stall = [], []
+    for i in range(repeats + 1):
+        before = metrics.read_text().count("\n") if metrics.exists() else 0
+        trainer.train_loader.set_epoch(trainer.epoch)
+        trainer.batch_in_epoch = 0
+        trainer.train_epoch(None, max_steps=steps)
+        trainer.epoch += 1
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()[before:]] if metrics.exists() else []
+        lines = [r for r in lines if "images_per_sec" in r]
+        if i and lines:
+            ips.append(float(np.mean([r["images_per_sec"] for r in lines])))
+            stall.append(float(np.mean([r["data_stall"] for r in lines])))
+    return ips, stall
+
+
+def bench_model(model: str, res: int, batch_size: int, channels_last: bool, amp: str, compile_: bool,
+                steps: int, repeats: int, device: str = "auto") -> dict:
+    """Train-step images/sec on synthetic device batches: the ceiling any data path can reach."""
+    dist = init_distributed(device)
+    overrides = [f"model.name={model}", f"model.channels_last={str(channels_last).lower()}",
+                 f"model.compile={str(compile_).lower()}", f"train.amp={amp}", f"train.device={device}",
+                 "data.backend=synthetic", f"data.batch_size={batch_size}", f"data.train_res={res}",
+                 f"data.val_res={res}", f"data.synthetic_num_samples={batch_size * steps * dist.world_size}",
+                 f"train.log_interval={steps}", "optim.name=sgd", "optim.lr=0.01", "schedule.warmup_epochs=0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(None, overrides, dist, Path(tmp))
+        ips, _ = _measure_steps(trainer, steps, repeats)
+    row = {"model": model, "res": res, "batch_size": batch_size, "channels_last": channels_last, "amp": amp,
+           "compile": compile_, "device": str(dist.device), **_summary(ips)}
+    if dist.device.type == "cuda":
+        gflop = RN50_TRAIN_GFLOP_224 * (res / 224) ** 2 if model == "resnet50" else None
+        name = torch.cuda.get_device_name(dist.device)
+        peak = next((v for k, v in GPU_PEAK_BF16_TFLOPS.items() if k in name), None)
+        if gflop:
+            row["achieved_tflops"] = row["images_per_sec"] * gflop / 1000
+            if peak:
+                row["fraction_of_peak_bf16"] = row["achieved_tflops"] / peak
+    return row
+
+
+def bench_e2e(config: str, data: str, backend: str, steps: int, repeats: int, overrides: list[str],
+              device: str = "auto") -> dict:
+    """The real loader + augment + train step: images/sec (global) and data stall."""
+    dist = init_distributed(device)
+    ovr = [f"data.path={data}", f"data.backend={backend}", f"train.device={device}", f"train.log_interval={steps}",
+           *overrides]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(config, ovr, dist, Path(tmp))
+        steps = min(steps, trainer.steps_per_epoch)
+        trainer.cfg.train.log_interval = steps
+        ips, stall = _measure_steps(trainer, steps, repeats)
+    if not dist.is_main:  # rank 0 logs the global figures
+        return {}
+    s = _summary(ips)
+    return {"backend": backend, "config": Path(config).name, "world_size": dist.world_size, "steps": steps, **s,
+            "data_stall": float(np.median(stall)), "data_stall_max": float(max(stall)), "device": str(dist.device)}
+
+
+def bench_scaling(config: str, data: str, backend: str, nprocs: list[int], steps: int, repeats: int,
+                  overrides: list[str], device: str) -> list[dict]:
+    """bench e2e at each process count through torchrun (gloo on CPU, nccl on GPUs)."""
+    rows = []
+    for k in nprocs:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "e2e.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "--master_port=29541",
+                   "-m", "fastrsb", "bench", "e2e", "--config", config, "--data", data, "--backend", backend,
+                   "--steps", str(steps), "--repeats", str(repeats), "--device", device, "--json", str(out),
+                   *overrides]
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // k))})
+            if r.returncode != 0:
+                raise RuntimeError(f"bench e2e with {k} process(es) failed:\n{r.stderr[-3000:]}")
+            row = json.loads(out.read_text())["results"][0]
+        rows.append({"processes": k, **row})
+    base = rows[0]["images_per_sec"] / rows[0]["processes"]
+    for r in rows:
+        r["scaling_efficiency"] = r["images_per_sec"] / (base * r["processes"])
+    return rows
