@@ -17,6 +17,8 @@ from fastrsb.augment.randaugment import (IMAGENET_FILL, RAND_INCREASING_TRANSFOR
                                          apply_op, parse_rand_augment)
 from fastrsb.config import AugmentConfig
 
+# the CPU twin always runs; on a machine with a GPU the same tests also run the cuda path
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 OPS = sorted(set(RAND_TRANSFORMS + RAND_INCREASING_TRANSFORMS) | {"PosterizeOriginal"})
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 ENHANCE_INC = {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
@@ -58,19 +60,20 @@ def to_batch(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", OPS)
-def test_op_parity_with_timm(name):
+def test_op_parity_with_timm(name, device):
     """Colour/histogram ops: within +-1 grey level on >= 99% of pixels (measured: exact except
     float rounding at .5 in blends). Geometric ops: PIL's fixed-point bilinear taps vs float
     grid_sample differ by rounding; we hold every pixel within +-2 levels except the image border,
     where PIL's edge handling differs, and >= 99% within +-1 overall."""
     for img in photographs():
-        batch = to_batch(img)
+        batch = to_batch(img).to(device)
         for level in (0, 1, 2.5, 4, 5.5, 7, 8, 9.3, 10):
             ref = timm_op(img, name, level)
             if ref is None:
                 continue
-            ours = apply_op(batch, name, level)[0].permute(1, 2, 0).numpy().astype(int)
+            ours = apply_op(batch, name, level)[0].permute(1, 2, 0).cpu().numpy().astype(int)
             diff = np.abs(np.asarray(ref).astype(int) - ours)
             assert (diff <= 1).mean() >= 0.99, (name, level, (diff <= 1).mean())
             if name in GEOMETRIC:
@@ -138,12 +141,14 @@ def test_policy_statistics_match_timm():
     assert abs(ref_sign - our_sign) < 0.06
 
 
-def test_randaugment_keeps_dtype_shape_format_and_is_seeded():
-    batch = torch.cat([to_batch(photographs()[0].resize((64, 48)))] * 16).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", DEVICES)
+def test_randaugment_keeps_dtype_shape_format_and_is_seeded(device):
+    batch = torch.cat([to_batch(photographs()[0].resize((64, 48)))] * 16).to(device).contiguous(memory_format=torch.channels_last)
     a = RandAugment.from_config("rand-m9-mstd0.5-inc1", seed=3)(batch)
     b = RandAugment.from_config("rand-m9-mstd0.5-inc1", seed=3)(batch)
     c = RandAugment.from_config("rand-m9-mstd0.5-inc1", seed=4)(batch)
     assert a.dtype == torch.uint8 and a.shape == batch.shape and a.is_contiguous(memory_format=torch.channels_last)
+    assert a.device == batch.device
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert sum(not torch.equal(a[i], batch[i]) for i in range(16)) >= 8  # most images changed
     # each sample draws its own ops: identical inputs give different outputs

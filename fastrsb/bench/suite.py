@@ -98,6 +98,7 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
 
     dist = init_distributed(device)
     dev = dist.device
+    workers = workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
 
     def sync():
         if dev.type == "cuda":
