@@ -65,6 +65,7 @@ class DaliBackend(SplitLoader):
         self.source = ShardSource(info.shard_locations(), info.labels, self.batch_size)
         self._pipe_res: int | None = None
         self._iter: DALIGenericIterator | None = None
+        self._epoch_done = True  # an epoch left unfinished leaves prefetched batches in the pipeline
 
     def _build(self, res: int) -> DALIGenericIterator:
         cfg, train = self.cfg, self.train
@@ -97,10 +98,15 @@ class DaliBackend(SplitLoader):
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
         self.source.start(indices)  # before reset: resetting starts prefetching from the source
-        if self._iter is None or self._pipe_res != self.resolution:
+        if self._iter is None or self._pipe_res != self.resolution or not self._epoch_done:
             self._iter = self._build(self.resolution)
             self._pipe_res = self.resolution
         else:
             self._iter.reset()
-        host = ((out[0]["images"], out[0]["labels"]) for out in self._iter)
-        return to_device(host, self.dist.device, self.cfg.prefetch)
+        self._epoch_done = False
+        return to_device(self._outputs(), self.dist.device, self.cfg.prefetch)
+
+    def _outputs(self):
+        for out in self._iter:
+            yield out[0]["images"], out[0]["labels"]
+        self._epoch_done = True
