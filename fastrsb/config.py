@@ -33,7 +33,7 @@ class DataConfig:
     interpolation: str = "bilinear"  # bilinear | bicubic (resize after crop)
     num_repeats: int = 1  # repeated augmentation (DeiT/timm RepeatAugSampler); 1 = off
     seed: int = 0
-    prefetch: int = 2  # batches staged on the device ahead of the consumer
+    prefetch: int = 4  # batches staged ahead of the consumer (DALI queue depth; cuda staging depth)
     # backend knobs
     ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (else ffcv's process cache)
     ffcv_batches_ahead: int = 3

@@ -31,16 +31,22 @@ def _loader_cfg(data: str, backend: str, batch_size: int, res: int, workers: int
                               f"data.train_res={res}", f"data.workers={workers}", *extra])
 
 
-def _time_epochs(iterable_factory, repeats: int, sync) -> list[float]:
-    """images/sec of whole epochs; the first epoch is warm-up (compilation, page cache)."""
-    out = []
-    for i in range(repeats + 1):
+def _time_round_robin(factories: list[tuple[str, object]], repeats: int, sync) -> dict[str, list[float]]:
+    """images/sec of whole epochs, one warm-up epoch each (compilation, page cache), then the
+    measured epochs interleaved across candidates, so drift on a shared machine hits all alike."""
+    def one(factory, epoch: int) -> float:
         n, t0 = 0, time.perf_counter()
-        for images in iterable_factory(i):
+        for images in factory(epoch):
             n += images.shape[0]
         sync()
-        if i:
-            out.append(n / (time.perf_counter() - t0))
+        return n / (time.perf_counter() - t0)
+
+    for _, factory in factories:
+        one(factory, 0)
+    out: dict[str, list[float]] = {name: [] for name, _ in factories}
+    for r in range(repeats):
+        for name, factory in factories:
+            out[name].append(one(factory, r + 1))
     return out
 
 
@@ -85,9 +91,14 @@ def bare_dali(data: str, batch_size: int, res: int, workers: int, device: torch.
 
     p = pipe()
     p.build()
-    it = DALIGenericIterator([p], ["images", "labels"], reader_name="reader", auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.DROP)
-    return lambda _i: (out[0]["images"] for out in it)
+    it = DALIGenericIterator([p], ["images", "labels"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP)
+
+    def epoch(i):
+        if i:  # reset when the epoch starts, not when the last one ends: no prefetching while others are timed
+            it.reset()
+        return (out[0]["images"] for out in it)
+
+    return epoch
 
 
 def bench_loader(data: str, backends: list[str], batch_size: int, res: int, workers: int, repeats: int,
@@ -104,7 +115,7 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    rows = []
+    factories = []
     for backend in backends:
         loader = create_loader(_loader_cfg(data, backend, batch_size, res, workers), "train", dist)
 
@@ -112,10 +123,10 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
             loader.set_epoch(i)
             return (b.images for b in loader)
 
-        rows.append({"backend": backend, **_summary(_time_epochs(epoch, repeats, sync))})
+        factories.append((backend, epoch))
         if bare and backend in ("ffcv", "dali"):
-            factory = (bare_ffcv if backend == "ffcv" else bare_dali)(data, batch_size, res, workers, dev)
-            rows.append({"backend": f"bare {backend}", **_summary(_time_epochs(factory, repeats, sync))})
+            factories.append((f"bare {backend}", (bare_ffcv if backend == "ffcv" else bare_dali)(data, batch_size, res, workers, dev)))
+    rows = [{"backend": name, **_summary(values)} for name, values in _time_round_robin(factories, repeats, sync).items()]
     if decode_limit:
         limit = summarize([decode_throughput(data, "train", workers) for _ in range(repeats)])
         rows.append({"backend": "decode limit (PIL/libjpeg-turbo, all workers)", "images_per_sec": limit["median"],
