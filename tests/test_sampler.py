@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 
 from fastrsb.data.sampler import epoch_indices, repeat_aug_length
