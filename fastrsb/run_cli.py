@@ -162,7 +162,7 @@ def _sweep(args: argparse.Namespace) -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = out / f"seed{seed}"
         launcher = [sys.executable, "-m", "fastrsb"] if args.nproc == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "-m", "fastrsb"]
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "fastrsb"]
         cmd = [*launcher, "train", "--config", args.config, "--data", args.data, "--out", str(run),
                "--resume", "auto", f"--train.seed={seed}", f"--data.seed={seed}", *args.overrides]
         print("[sweep]", " ".join(cmd), flush=True)

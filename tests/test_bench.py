@@ -87,7 +87,8 @@ def test_data_stall_meter(tmp_path):
     fast = Trainer(cfg, tmp_path / "fast", DistInfo())
     _, stall_fast = _measure_steps(fast, 5, 2)
     slow = Trainer(cfg, tmp_path / "slow", DistInfo())
-    slow.train_loader = SlowLoader(slow.train_loader, delay=0.3)
+    # a second per batch: far slower than this tiny step even on a loaded 2-core machine
+    slow.train_loader = SlowLoader(slow.train_loader, delay=1.0)
     _, stall_slow = _measure_steps(slow, 5, 2)
     assert max(stall_fast) < 0.1, stall_fast
     assert min(stall_slow) > 0.6, stall_slow

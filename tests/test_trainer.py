@@ -239,7 +239,7 @@ def test_metrics_lines(small_dataset, tmp_path):
 
 def test_two_process_gloo_ddp(small_dataset, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "fastrsb",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastrsb",
            "train", "--config", str(CONFIGS / "demo.yaml"), "--data", str(small_dataset), "--out", str(out),
            *[f"--{o}" for o in TINY], "--data.backend=dali", "--train.epochs=2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)

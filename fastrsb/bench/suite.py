@@ -223,7 +223,7 @@ def bench_scaling(config: str, data: str, backend: str, nprocs: list[int], steps
     for k in nprocs:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "e2e.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "--master_port=29541",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}",
                    "-m", "fastrsb", "bench", "e2e", "--config", config, "--data", data, "--backend", backend,
                    "--steps", str(steps), "--repeats", str(repeats), "--device", device, "--json", str(out),
                    *overrides]
