@@ -207,7 +207,7 @@ tdist.destroy_process_group()
 def test_two_process_gloo_run(small_dataset, tmp_path, backend):
     script = tmp_path / "two_proc.py"
     script.write_text(_TWO_PROC)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), str(small_dataset), backend], capture_output=True, text=True, timeout=240,
                        cwd=os.getcwd())
     assert r.returncode == 0, r.stderr[-3000:]
