@@ -7,7 +7,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -90,8 +89,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, res: int | None = None, crop
     model.load_state_dict(weights)
     dtype = amp_dtype(cfg.train.amp, dist.device)
     aug = build_batch_augment(cfg.augment, loader.num_classes, 0.0, dtype or torch.float32, False)
-    autocast = (lambda: torch.autocast(dist.device.type, dtype=dtype)) if dtype else nullcontext
-    return evaluate(model, loader, aug, autocast, dist, cfg.train.flip_tta)
+    return evaluate(model, loader, aug, dtype, dist, cfg.train.flip_tta)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -44,6 +44,11 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return table[amp]
 
 
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """The one mixed-precision context: autocast to `dtype`, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -209,11 +214,6 @@ class Trainer:
                     self._tb.add_scalar(k, v, self.step)
 
     # ---------------------------------------------------------------- loops
-    def _autocast(self):
-        if self.amp is None:
-            return nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.amp)
-
     def _set_lr(self) -> float:
         lr = lr_at(self.step, self.steps_per_epoch, self.cfg.train.epochs, self.peak_lr, self.cfg.schedule)
         for g in self.optimizer.param_groups:
@@ -250,7 +250,7 @@ class Trainer:
                 break
             lr = self._set_lr()
             x, y = self.train_aug(batch.images, batch.targets)
-            with self._autocast():
+            with autocast(self.amp, dev):
                 logits = self.net(x)
                 loss = self.criterion(x, logits, y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -301,7 +301,7 @@ class Trainer:
         return True
 
     def evaluate(self, model: torch.nn.Module | None = None) -> dict:
-        return evaluate(model or self.model, self.val_loader, self.eval_aug, self._autocast, self.dist,
+        return evaluate(model or self.model, self.val_loader, self.eval_aug, self.amp, self.dist,
                         self.cfg.train.flip_tta)
 
     def _install_signal_handlers(self):
@@ -354,7 +354,7 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model, loader, augment, autocast, dist: DistInfo, flip_tta: bool = False) -> dict:
+def evaluate(model, loader, augment, amp: torch.dtype | None, dist: DistInfo, flip_tta: bool = False) -> dict:
     """Top-1/top-5 over the whole val split: each sample once across ranks, counts all-reduced."""
     model.eval()
     dev = dist.device
@@ -362,7 +362,7 @@ def evaluate(model, loader, augment, autocast, dist: DistInfo, flip_tta: bool = 
     loader.set_epoch(0)
     for batch in loader:
         x, y = augment(batch.images, batch.targets)
-        with autocast():
+        with autocast(amp, dev):
             logits = model(x).float()
             if flip_tta:
                 logits = logits + model(x.flip(3)).float()
