@@ -39,7 +39,6 @@ class DataConfig:
     ffcv_batches_ahead: int = 3
     ffcv_quasi_random: bool = False  # only single-process; QUASI_RANDOM is not supported distributed
     dali_decode: str = "auto"  # auto (mixed on cuda, cpu otherwise) | cpu | mixed
-    dali_py_workers: int = 2  # external_source worker processes reading JPEG bytes from shards
     synthetic_num_samples: int = 10000  # synthetic backend: pretend dataset size
     synthetic_num_classes: int = 1000
 

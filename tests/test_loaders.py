@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +36,48 @@ def collect(loader):
     return imgs, tgts
 
 
+LEVELS = (24, 72, 120, 168, 216)
+CODES = torch.tensor([(LEVELS[k % 5], LEVELS[k // 5 % 5], LEVELS[k // 25]) for k in range(125)], dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def coded_dataset(tmp_path_factory):
+    """Every image is one flat colour that encodes its own number (CODES), so whatever crop, flip
+    or resize a backend applies, its pixels still say which image it is: 14 train and 5 val
+    images per class, odd sizes."""
+    from PIL import Image
+
+    from dataprep.convert import convert
+
+    root = tmp_path_factory.mktemp("coded")
+    k = 0
+    for split, per_class in (("train", 14), ("val", 5)):
+        for c in ("a", "b", "c"):
+            for _ in range(per_class):
+                path = root / "src" / split / c / f"{k:03d}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (40 + k % 13, 30 + k % 7), tuple(int(v) for v in CODES[k])).save(path, quality=95)
+                k += 1
+    convert(root / "src", root / "data", workers=2, shard_size=16, progress=False, log=lambda s: None)
+    return root / "data"
+
+
+def sample_ids(data, split: str, images: list[torch.Tensor]) -> list[list[int]]:
+    """Which dataset sample each image of each batch is, read from its colour."""
+    rows = (data / f"{split}.samples.tsv").read_text().splitlines()[1:]
+    sample_of_code = {int(Path(r.split("\t")[3]).stem): int(r.split("\t")[0]) for r in rows}
+    out = []
+    for x in images:
+        codes = torch.cdist(x.float().mean(dim=(2, 3)), CODES).argmin(1).tolist()
+        assert all(c in sample_of_code for c in codes), "a colour that is not an image of this split"
+        out.append([sample_of_code[c] for c in codes])
+    return out
+
+
+def batched(indices: np.ndarray, bs: int) -> list[list[int]]:
+    return [indices[k:k + bs].tolist() for k in range(0, len(indices), bs)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_batch_contract(small_dataset, backend, split):
@@ -61,8 +104,9 @@ def test_batch_contract(small_dataset, backend, split):
 
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
-def test_pixels_show_their_class(small_dataset, backend):
-    """Generated images carry their class colour: decoded pixels must agree with the labels."""
+def test_pixels_show_their_class_and_repeat_for_a_seed(small_dataset, backend):
+    """Generated images carry their class colour: decoded pixels must agree with the labels.
+    Two loaders with one seed augment alike (textured images: a different crop shows)."""
     from tests.datagen import CLASS_COLOURS
 
     colours = torch.tensor([CLASS_COLOURS[c] for c in ("cat", "dog", "eel")], dtype=torch.float32)
@@ -70,6 +114,11 @@ def test_pixels_show_their_class(small_dataset, backend):
     x = torch.cat(imgs).float().mean(dim=(2, 3))
     nearest = torch.cdist(x, colours).argmin(1)
     assert torch.equal(nearest, torch.cat(tgts))
+    again, _ = collect(create_loader(make_cfg(small_dataset, backend), "train", DistInfo()))
+    same_pixels = all(torch.equal(a, b) for a, b in zip(imgs, again))
+    # ffcv 1.0.2 draws its crop/flip randomness from numba's unseeded np.random in its worker
+    # threads: the order is ours and deterministic, the augmentation is not (upstream limitation)
+    assert same_pixels == (backend != "ffcv"), "same seed, same augmented pixels (dali, torch)"
 
 
 def test_backends_agree_on_val_images(small_dataset):
@@ -85,49 +134,66 @@ def test_backends_agree_on_val_images(small_dataset):
     assert (val["ffcv"] - val["torch"].flip(-1)).abs().mean().item() > 2 * (val["ffcv"] - val["torch"]).abs().mean().item()
 
 
-@pytest.mark.parametrize("backend", FILE_BACKENDS)  # synthetic batches have no sample identity
-def test_simulated_ranks_are_disjoint_and_cover(small_dataset, backend):
-    info = open_dataset(small_dataset).split("train")
-    seen = []
+@pytest.mark.parametrize("num_repeats", [1, 3])
+def test_every_backend_visits_the_same_images_in_the_same_order_on_every_rank(coded_dataset, num_repeats):
+    """Simulated world of 2: per rank and backend, the images (identified by colour) batch by batch
+    are the shared sampler's. Seed 0 is timm's RepeatAugSampler order, checked against timm itself;
+    with repeats the copies of an image land on different ranks, without them ranks are disjoint."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    n = open_dataset(coded_dataset).split("train").num_samples
+    per_rank = []
     for rank in range(2):
         d = DistInfo(rank=rank, world_size=2, local_rank=rank, local_world_size=2)
-        loader = create_loader(make_cfg(small_dataset, backend), "train", d)
-        loader.set_epoch(3)
-        _, tgts = collect(loader)
-        idx = epoch_indices(info.num_samples, seed=5, epoch=3, rank=rank, world_size=2, batch_size=BS)
-        assert torch.cat(tgts).tolist() == info.labels[idx].tolist()
-        seen.append(set(idx.tolist()))
-    assert not seen[0] & seen[1]
+        idx = epoch_indices(n, seed=0, epoch=3, rank=rank, world_size=2, batch_size=4, num_repeats=num_repeats)
+        if num_repeats > 1:
+            timm_s = RepeatAugSampler(range(n), num_replicas=2, rank=rank, num_repeats=num_repeats)
+            timm_s.set_epoch(3)
+            assert idx.tolist() == list(timm_s)[: len(idx)]
+        for backend in FILE_BACKENDS:
+            loader = create_loader(make_cfg(coded_dataset, backend, seed=0, batch_size=4, num_repeats=num_repeats),
+                                   "train", d)
+            loader.set_epoch(3)
+            imgs, _ = collect(loader)
+            assert sample_ids(coded_dataset, "train", imgs) == batched(idx, 4), (backend, rank)
+        per_rank.append(idx.tolist())
+    if num_repeats == 1:
+        assert not set(per_rank[0]) & set(per_rank[1])
+    else:  # world 2, 3 repeats: copy j of an image goes to rank (3i + j) % 2, so both ranks see most images
+        assert len(set(per_rank[0]) & set(per_rank[1])) > 0.5 * len(set(per_rank[0]))
 
 
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
-def test_determinism_resume_and_epochs(small_dataset, backend):
-    cfg = make_cfg(small_dataset, backend)
+def test_determinism_resume_and_epochs(coded_dataset, backend):
+    cfg = make_cfg(coded_dataset, backend, batch_size=4)
+    ids = lambda imgs: sample_ids(coded_dataset, "train", imgs)  # noqa: E731
     a = create_loader(cfg, "train", DistInfo())
     a.set_epoch(1)
-    imgs_a, tgts_a = collect(a)
+    imgs_a, _ = collect(a)
     b = create_loader(cfg, "train", DistInfo())
     b.set_epoch(1)
-    imgs_b, tgts_b = collect(b)
-    assert [t.tolist() for t in tgts_a] == [t.tolist() for t in tgts_b]
-    same_pixels = all(torch.equal(x, y) for x, y in zip(imgs_a, imgs_b))
-    # ffcv 1.0.2 draws its crop/flip randomness from numba's unseeded np.random in its worker
-    # threads: the order is ours and deterministic, the augmentation is not (upstream limitation)
-    assert same_pixels == (backend != "ffcv"), "same seed, same augmented pixels (dali, torch)"
-    # resume mid-epoch: the remaining batches are the same samples an uninterrupted run sees
+    imgs_b, _ = collect(b)
+    assert ids(imgs_a) == ids(imgs_b) == batched(epoch_indices(42, seed=5, epoch=1, rank=0, world_size=1, batch_size=4), 4)
+    # resume mid-epoch: the remaining batches are the images an uninterrupted run sees
     b.set_epoch(1, start_batch=3)
-    _, tgts_r = collect(b)
-    assert [t.tolist() for t in tgts_r] == [t.tolist() for t in tgts_a[3:]]
+    imgs_r, _ = collect(b)
+    assert ids(imgs_r) == ids(imgs_a)[3:]
     # an epoch abandoned half way leaves nothing behind for the next one
     it = iter(b)
     next(it)
     b.set_epoch(1)
-    _, tgts_again = collect(b)
-    assert [t.tolist() for t in tgts_again] == [t.tolist() for t in tgts_a]
-    # the offset applies once; the next epoch is whole and differs in order
+    imgs_again, _ = collect(b)
+    assert ids(imgs_again) == ids(imgs_a)
+    # the offset applies once; the next epoch is whole and in its own order
     b.set_epoch(2)
-    _, tgts_next = collect(b)
-    assert len(tgts_next) == len(tgts_a) and torch.cat(tgts_next).tolist() != torch.cat(tgts_a).tolist()
+    imgs_next, _ = collect(b)
+    assert ids(imgs_next) == batched(epoch_indices(42, seed=5, epoch=2, rank=0, world_size=1, batch_size=4), 4)
+    if backend == "dali":  # epoch 2 followed epoch 1: it ran on the pipeline primed at the end of epoch 1
+        pipeline = b._iter
+        b.set_epoch(3)
+        imgs_3, _ = collect(b)
+        assert b._iter is pipeline and ids(imgs_3)[0] == epoch_indices(42, seed=5, epoch=3, rank=0, world_size=1,
+                                                                        batch_size=4)[:4].tolist()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -138,15 +204,6 @@ def test_set_resolution(small_dataset, backend):
     loader.set_resolution(40)
     imgs, _ = collect(loader)
     assert all(x.shape[-2:] == (40, 40) for x in imgs)
-
-
-def test_repeated_augmentation_through_a_loader(small_dataset):
-    info = open_dataset(small_dataset).split("train")
-    loader = create_loader(make_cfg(small_dataset, "dali", num_repeats=3), "train", DistInfo())
-    _, tgts = collect(loader)
-    idx = epoch_indices(info.num_samples, seed=5, epoch=0, rank=0, world_size=1, batch_size=BS, num_repeats=3)
-    assert torch.cat(tgts).tolist() == info.labels[idx].tolist()
-    assert len(set(idx.tolist())) < len(idx)  # copies of an image in one rank's epoch with world size 1
 
 
 def test_clear_errors_before_work(small_dataset, tmp_path):
@@ -187,14 +244,15 @@ from fastrsb.config import load_config
 from fastrsb.data import create_loader
 from fastrsb.dist import init_distributed
 d = init_distributed("cpu")
-cfg = load_config(None, ["data.backend=" + sys.argv[2], "data.path=" + sys.argv[1], "data.batch_size=8",
-                         "data.train_res=32", "data.val_res=32", "data.workers=1", "data.seed=5"])
 out = {}
-for split in ("train", "val"):
-    loader = create_loader(cfg, split, d)
-    loader.set_epoch(2)
-    t = torch.cat([b.targets.clone() for b in loader])
-    out[split] = t.tolist()
+for backend in ("ffcv", "dali", "torch"):
+    cfg = load_config(None, ["data.backend=" + backend, "data.path=" + sys.argv[1], "data.batch_size=4",
+                             "data.train_res=32", "data.val_res=32", "data.workers=1", "data.seed=5"])
+    for split in ("train", "val"):
+        loader = create_loader(cfg, split, d)
+        loader.set_epoch(2)
+        # mean colour of every image, batch by batch: the parent reads the image identities from it
+        out[backend + "/" + split] = [b.images.float().mean(dim=(2, 3)).tolist() for b in loader]
 gathered = [None, None]
 tdist.all_gather_object(gathered, out)
 if d.rank == 0:
@@ -203,19 +261,27 @@ tdist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("backend", ["dali"])
-def test_two_process_gloo_run(small_dataset, tmp_path, backend):
+def test_two_process_gloo_run(coded_dataset, tmp_path):
+    """A real torchrun world of 2 (gloo): on each rank, ffcv, dali and torch yield the shared
+    sampler's images in its order; val covers every image exactly once across the ranks."""
     script = tmp_path / "two_proc.py"
     script.write_text(_TWO_PROC)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(small_dataset), backend], capture_output=True, text=True, timeout=240,
-                       cwd=os.getcwd())
+                        str(script), str(coded_dataset)], capture_output=True, text=True, timeout=240, cwd=os.getcwd())
     assert r.returncode == 0, r.stderr[-3000:]
     per_rank = json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
-    info_t = open_dataset(small_dataset).split("train")
-    info_v = open_dataset(small_dataset).split("val")
+
+    def ids(split, means):
+        return sample_ids(coded_dataset, split, [torch.tensor(m).view(-1, 3, 1, 1) for m in means])
+
+    n_train = open_dataset(coded_dataset).split("train").num_samples
+    n_val = open_dataset(coded_dataset).split("val").num_samples
+    val_seen = []
     for rank, got in enumerate(per_rank):
-        idx = epoch_indices(info_t.num_samples, seed=5, epoch=2, rank=rank, world_size=2, batch_size=8)
-        assert got["train"] == info_t.labels[idx].tolist()
-    assert len(per_rank[0]["val"]) + len(per_rank[1]["val"]) == info_v.num_samples
-    assert sorted(per_rank[0]["val"] + per_rank[1]["val"]) == info_v.labels.tolist()
+        expect = batched(epoch_indices(n_train, seed=5, epoch=2, rank=rank, world_size=2, batch_size=4), 4)
+        val = ids("val", got["ffcv/val"])
+        for backend in FILE_BACKENDS:
+            assert ids("train", got[backend + "/train"]) == expect, (backend, rank)
+            assert ids("val", got[backend + "/val"]) == val, (backend, rank)
+        val_seen += sum(val, [])
+    assert sorted(val_seen) == list(range(n_val))

@@ -22,11 +22,12 @@ def _loader(args) -> int:
     from fastrsb.bench.suite import bench_loader
 
     rows = bench_loader(args.data, args.backends.split(","), args.batch_size, args.res, args.workers, args.repeats,
-                        args.device, not args.no_bare, not args.no_decode_limit)
+                        args.device, not args.no_bare, not args.no_decode_limit, args.epochs)
     _out(args, "loader", rows, ["backend", "images_per_sec", "min", "max", "vs_torch", "vs_bare_library",
                                 "fraction_of_decode_limit"], "backend",
          f"loader only: uint8 {args.res}px train batches of {args.batch_size}",
-         {"settings": {"data": args.data, "batch_size": args.batch_size, "res": args.res, "workers": args.workers}})
+         {"settings": {"data": args.data, "batch_size": args.batch_size, "res": args.res, "workers": args.workers,
+                       "epochs_per_repeat": args.epochs}})
     return 0
 
 
@@ -77,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--workers", type=int, default=0, help="decode workers/threads (default: all cores)")
+    p.add_argument("--epochs", type=int, default=2, help="consecutive epochs timed per repeat (default 2)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-library rows")
     p.add_argument("--no-decode-limit", action="store_true", help="skip the decode-only row")
     _common(p)

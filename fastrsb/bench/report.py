@@ -35,6 +35,8 @@ def machine_info() -> dict:
         "hostname": platform.node(),
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
+        # 1/5/15-minute load when the result was written: other work on a shared machine shows here
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": sys.version.split()[0],
         "versions": {n: _pkg(n) for n in ("fastrsb", "torch", "torchvision", "timm", "ffcv", "nvidia-dali-cuda120", "numpy", "pillow")},
         "gpu": None,

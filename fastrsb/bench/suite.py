@@ -31,22 +31,31 @@ def _loader_cfg(data: str, backend: str, batch_size: int, res: int, workers: int
                               f"data.train_res={res}", f"data.workers={workers}", *extra])
 
 
-def _time_round_robin(factories: list[tuple[str, object]], repeats: int, sync) -> dict[str, list[float]]:
-    """images/sec of whole epochs, one warm-up epoch each (compilation, page cache), then the
-    measured epochs interleaved across candidates, so drift on a shared machine hits all alike."""
-    def one(factory, epoch: int) -> float:
-        n, t0 = 0, time.perf_counter()
-        for images in factory(epoch):
-            n += images.shape[0]
+def _time_round_robin(factories: list[tuple[str, object]], repeats: int, epochs: int, sync) -> dict[str, list[float]]:
+    """images/sec over blocks of `epochs` consecutive epochs, one block per candidate and round,
+    rounds interleaved so drift on a shared machine hits all candidates alike. Each candidate
+    first runs one epoch to warm up (compilation, page cache), and every block is preceded by an
+    untimed lead-in epoch: a pipeline that decodes ahead while it waits its turn (DALI's queue)
+    gets no head start, and the block measures the loader as a training run meets it, epoch
+    boundaries included."""
+    def run(factory, first: int, count: int) -> int:
+        n = 0
+        for e in range(first, first + count):
+            for images in factory(e):
+                n += images.shape[0]
         sync()
-        return n / (time.perf_counter() - t0)
+        return n
 
     for _, factory in factories:
-        one(factory, 0)
+        run(factory, 0, 1)
     out: dict[str, list[float]] = {name: [] for name, _ in factories}
     for r in range(repeats):
+        first = 1 + r * (epochs + 1)
         for name, factory in factories:
-            out[name].append(one(factory, r + 1))
+            run(factory, first, 1)
+            t0 = time.perf_counter()
+            n = run(factory, first + 1, epochs)
+            out[name].append(n / (time.perf_counter() - t0))
     return out
 
 
@@ -69,8 +78,9 @@ def bare_ffcv(data: str, batch_size: int, res: int, workers: int, device: torch.
     return lambda _i: (imgs for imgs, _ in loader)
 
 
-def bare_dali(data: str, batch_size: int, res: int, workers: int, device: torch.device):
-    """A plain DALI pipeline doing the same work: its own webdataset reader, ROI decode, resize, flip."""
+def bare_dali(data: str, batch_size: int, res: int, workers: int, device: torch.device, prefetch: int):
+    """A plain DALI pipeline doing the same work: its own webdataset reader, ROI decode, resize,
+    flip, with the fastrsb backend's queue depth."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -79,7 +89,8 @@ def bare_dali(data: str, batch_size: int, res: int, workers: int, device: torch.
     split = open_dataset(data).split("train")
     on_gpu = device.type == "cuda"
 
-    @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=device.index if on_gpu else None, seed=0)
+    @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=device.index if on_gpu else None, seed=0,
+                  prefetch_queue_depth=prefetch)
     def pipe():
         jpg, cls = fn.readers.webdataset(paths=[str(split.root / s["tar"]) for s in split.shards],
                                          index_paths=[str(split.root / s["index"]) for s in split.shards],
@@ -91,18 +102,13 @@ def bare_dali(data: str, batch_size: int, res: int, workers: int, device: torch.
 
     p = pipe()
     p.build()
-    it = DALIGenericIterator([p], ["images", "labels"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP)
-
-    def epoch(i):
-        if i:  # reset when the epoch starts, not when the last one ends: no prefetching while others are timed
-            it.reset()
-        return (out[0]["images"] for out in it)
-
-    return epoch
+    it = DALIGenericIterator([p], ["images", "labels"], reader_name="reader", auto_reset=True,
+                             last_batch_policy=LastBatchPolicy.DROP)
+    return lambda _i: (out[0]["images"] for out in it)
 
 
 def bench_loader(data: str, backends: list[str], batch_size: int, res: int, workers: int, repeats: int,
-                 device: str = "auto", bare: bool = True, decode_limit: bool = True) -> list[dict]:
+                 device: str = "auto", bare: bool = True, decode_limit: bool = True, epochs: int = 2) -> list[dict]:
     """images/sec of each backend (and the bare libraries) producing uint8 train batches on the device."""
     from fastrsb.bench.decode import decode_throughput
     from fastrsb.data import create_loader
@@ -117,7 +123,8 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
 
     factories = []
     for backend in backends:
-        loader = create_loader(_loader_cfg(data, backend, batch_size, res, workers), "train", dist)
+        cfg = _loader_cfg(data, backend, batch_size, res, workers)
+        loader = create_loader(cfg, "train", dist)
 
         def epoch(i, loader=loader):
             loader.set_epoch(i)
@@ -125,8 +132,10 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
 
         factories.append((backend, epoch))
         if bare and backend in ("ffcv", "dali"):
-            factories.append((f"bare {backend}", (bare_ffcv if backend == "ffcv" else bare_dali)(data, batch_size, res, workers, dev)))
-    rows = [{"backend": name, **_summary(values)} for name, values in _time_round_robin(factories, repeats, sync).items()]
+            factories.append((f"bare {backend}", bare_ffcv(data, batch_size, res, workers, dev) if backend == "ffcv"
+                              else bare_dali(data, batch_size, res, workers, dev, cfg.data.prefetch)))
+    timed = _time_round_robin(factories, repeats, epochs, sync)
+    rows = [{"backend": name, **_summary(values)} for name, values in timed.items()]
     if decode_limit:
         limit = summarize([decode_throughput(data, "train", workers) for _ in range(repeats)])
         rows.append({"backend": "decode limit (PIL/libjpeg-turbo, all workers)", "images_per_sec": limit["median"],

@@ -7,7 +7,6 @@ import os
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from fastrsb.data.base import Batch
 from fastrsb.data.common import SplitLoader, to_device
@@ -65,7 +64,11 @@ class DaliBackend(SplitLoader):
         self.source = ShardSource(info.shard_locations(), info.labels, self.batch_size)
         self._pipe_res: int | None = None
         self._iter: DALIGenericIterator | None = None
-        self._epoch_done = True  # an epoch left unfinished leaves prefetched batches in the pipeline
+        # "idle": the source ran dry, the pipeline is empty; "running": an epoch was started and may
+        # be unfinished (its prefetched batches sit in the pipeline); "primed": the next epoch's first
+        # batches are already being decoded for the indices in self._primed
+        self._state = "idle"
+        self._primed: np.ndarray | None = None
 
     def _build(self, res: int) -> DALIGenericIterator:
         cfg, train = self.cfg, self.train
@@ -97,16 +100,30 @@ class DaliBackend(SplitLoader):
                                    auto_reset=False, prepare_first_batch=False)
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
-        self.source.start(indices)  # before reset: resetting starts prefetching from the source
-        if self._iter is None or self._pipe_res != self.resolution or not self._epoch_done:
+        same_res = self._iter is not None and self._pipe_res == self.resolution
+        if same_res and self._state == "primed" and np.array_equal(self._primed, indices):
+            pass  # the run-ahead guessed this epoch: its first batches are ready or under way
+        elif same_res and self._state == "idle":
+            self.source.start(indices)  # before reset: resetting starts prefetching from the source
+            self._iter.reset()
+        else:  # first epoch, new resolution, or batches of another order left in the pipeline
+            self.source.start(indices)
+            self._iter = None  # free the old pipeline's threads and buffers first
             self._iter = self._build(self.resolution)
             self._pipe_res = self.resolution
-        else:
-            self._iter.reset()
-        self._epoch_done = False
+        self._state, self._primed = "running", None
         return to_device(self._outputs(), self.dist.device, self.cfg.prefetch)
 
     def _outputs(self):
         for out in self._iter:
             yield out[0]["images"], out[0]["labels"]
-        self._epoch_done = True
+        self._state = "idle"
+        # Run ahead into the next epoch as DALI's own readers do, so its first batches decode
+        # while the trainer validates or checkpoints instead of after. The sampler is a pure
+        # function, so the guess is exact unless the caller picks another epoch or resolution;
+        # then _epoch rebuilds, and the epoch is still exact.
+        nxt = self.indices(epoch=self.epoch + 1, start_batch=0)
+        if len(nxt):
+            self.source.start(nxt)
+            self._iter.reset()
+            self._state, self._primed = "primed", nxt

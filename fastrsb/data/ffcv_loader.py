@@ -2,13 +2,14 @@
 in the shared sampler's order (a custom TraversalOrder)."""
 from __future__ import annotations
 
+from itertools import islice
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from fastrsb.data.base import Batch
 from fastrsb.data.common import SplitLoader, nhwc_to_batch
+from fastrsb.data.sampler import num_batches
 
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
@@ -51,9 +52,12 @@ class FfcvBackend(SplitLoader):
             image.append(ToDevice(dist.device, non_blocking=True))
             label.append(ToDevice(dist.device, non_blocking=True))
         if cfg.ffcv_quasi_random and self.train:
-            if dist.world_size > 1:
-                raise ValueError("data.ffcv_quasi_random: ffcv's QUASI_RANDOM order does not support distributed runs")
-            order = OrderOption.QUASI_RANDOM  # memory-friendly order for datasets larger than RAM; not the shared order
+            if dist.world_size > 1 or cfg.num_repeats > 1:
+                raise ValueError("data.ffcv_quasi_random: ffcv's QUASI_RANDOM order supports neither distributed runs "
+                                 "nor repeated augmentation (data.num_repeats)")
+            # memory-friendly order for datasets larger than RAM. It bypasses the shared order: the
+            # other backends see other images, and a resumed epoch has the right length, not the same images
+            order = OrderOption.QUASI_RANDOM
         else:
             order = SharedOrder(self)
         self.quasi_random = order is OrderOption.QUASI_RANDOM
@@ -72,5 +76,7 @@ class FfcvBackend(SplitLoader):
         self.pending_indices = indices
         it = iter(self.loader)
         self.loader.recompile = False
+        if self.quasi_random and len(indices) < self.epoch_length:  # resumed: the remaining length, other images
+            it = islice(it, num_batches(len(indices), self.batch_size, self.train))
         for images, labels in it:
             yield nhwc_to_batch(images, labels)

@@ -2,10 +2,12 @@
 torchvision's RandomResizedCrop + flip (val: resize + center crop), a DataLoader with workers."""
 from __future__ import annotations
 
+import atexit
 import io
 import math
 import os
 import signal
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -23,9 +25,10 @@ _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationM
 class ShardDataset(Dataset):
     """(HWC uint8 tensor, label) for sample i, its JPEG bytes read by offset from the DALI shards."""
 
-    def __init__(self, locations, labels: np.ndarray, transform):
-        self.loc, self.labels, self.transform = locations, labels, transform
+    def __init__(self, locations, labels: np.ndarray, cfg, train: bool):
+        self.loc, self.labels, self.cfg, self.train = locations, labels, cfg, train
         self._fds: dict[int, int] = {}  # per worker process: shard -> open fd
+        self._transforms: dict[int, T.Compose] = {}  # per worker process: resolution -> transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -37,15 +40,33 @@ class ShardDataset(Dataset):
             fd = self._fds[j] = os.open(self.loc.tar_paths[j], os.O_RDONLY)
         return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
 
-    def __getitem__(self, item: tuple[int, int]):
-        """item = (sample index, augmentation seed). Seeding each sample makes the augmentation a
-        pure function of (seed, epoch, rank, position in epoch): independent of the worker count,
-        and exact when a run resumes mid-epoch."""
-        i, seed = item
+    def __getitem__(self, item: tuple[int, int, int]):
+        """item = (sample index, augmentation seed, resolution). Seeding each sample makes the
+        augmentation a pure function of (seed, epoch, rank, position in epoch): independent of the
+        worker count, and exact when a run resumes mid-epoch. The resolution travels with the item
+        because persistent workers hold their own copy of the dataset."""
+        i, seed, res = item
+        tf = self._transforms.get(res)
+        if tf is None:
+            tf = self._transforms[res] = _transform(self.train, res, self.cfg)
         torch.manual_seed(seed)
         with Image.open(io.BytesIO(self.read(i))) as im:
-            img = self.transform(im.convert("RGB"))
+            img = tf(im.convert("RGB"))
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()), int(self.labels[i])
+
+
+class _EpochBatches:
+    """batch_sampler of a persistent DataLoader: iterated in the main process at each epoch's
+    start, so it hands out whatever batches the loader set for that epoch."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -53,6 +74,18 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     a scheduler signalling the whole process group must not kill the loader under it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_LIVE: "weakref.WeakSet[TorchLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Persistent workers ignore SIGTERM, so multiprocessing's exit hook (terminate, then join)
+    would wait for them forever: shut them down in order first. This module imports after
+    multiprocessing registers its hook, so this one runs before it."""
+    for loader in list(_LIVE):
+        loader.close()
 
 
 def _transform(train: bool, res: int, cfg) -> T.Compose:
@@ -68,19 +101,25 @@ class TorchLoader(SplitLoader):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
         if cfg.interpolation not in _INTERP:
             raise ValueError(f"data.interpolation: expected one of {sorted(_INTERP)}, got {cfg.interpolation!r}")
-        self.dataset = ShardDataset(info.shard_locations(), info.labels, _transform(self.train, self.resolution, cfg))
+        self.dataset = ShardDataset(info.shard_locations(), info.labels, cfg, self.train)
+        self.batch_sampler = _EpochBatches()
+        # persistent workers, as timm's loader uses: no process start-up at every epoch
+        self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.workers,
+                                 worker_init_fn=_ignore_stop_signals, pin_memory=dist.device.type == "cuda",
+                                 persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
+        _LIVE.add(self)
 
-    def set_resolution(self, px: int) -> None:
-        super().set_resolution(px)
-        self.dataset.transform = _transform(True, px, self.cfg)
+    def close(self) -> None:
+        """Stop the persistent workers (they come back at the next epoch)."""
+        it = self.loader._iterator
+        if it is not None:
+            it._shutdown_workers()
+            self.loader._iterator = None
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
-        bs = self.batch_size
+        bs, res = self.batch_size, self.resolution
         first = self.epoch_length - len(indices)  # position of indices[0] in the whole epoch (resume)
         base = (self.cfg.seed * 1_000_003 + self.epoch) * 1_000_003 + self.dist.rank * 100_003
-        items = [(int(i), base + first + k) for k, i in enumerate(indices)]
-        batches = [items[k:k + bs] for k in range(0, len(items), bs)]
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                            worker_init_fn=_ignore_stop_signals,
-                            pin_memory=self.dist.device.type == "cuda", prefetch_factor=4 if self.workers else None)
-        return to_device(loader, self.dist.device, self.cfg.prefetch)
+        items = [(int(i), base + first + k, res) for k, i in enumerate(indices)]
+        self.batch_sampler.batches = [items[k:k + bs] for k in range(0, len(items), bs)]
+        return to_device(self.loader, self.dist.device, self.cfg.prefetch)
