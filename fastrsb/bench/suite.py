@@ -135,20 +135,25 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
             factories.append((f"bare {backend}", bare_ffcv(data, batch_size, res, workers, dev) if backend == "ffcv"
                               else bare_dali(data, batch_size, res, workers, dev, cfg.data.prefetch)))
     timed = _time_round_robin(factories, repeats, epochs, sync)
-    rows = [{"backend": name, **_summary(values)} for name, values in timed.items()]
+    rows = [{"backend": name, **_summary(values), "per_round": [round(v, 1) for v in values]}
+            for name, values in timed.items()]
     if decode_limit:
         limit = summarize([decode_throughput(data, "train", workers) for _ in range(repeats)])
         rows.append({"backend": "decode limit (PIL/libjpeg-turbo, all workers)", "images_per_sec": limit["median"],
                      "min": limit["min"], "max": limit["max"], "repeats": limit["repeats"]})
         for r in rows:
             r["fraction_of_decode_limit"] = r["images_per_sec"] / limit["median"]
-    by_name = {r["backend"]: r["images_per_sec"] for r in rows}
+    # ratios pair the blocks of one round (timed back to back), then take the median over rounds:
+    # load from other work on a shared machine drifts slowly, so it cancels in a pair
+    def paired(a: str, b: str) -> float:
+        return float(np.median([x / y for x, y in zip(timed[a], timed[b])]))
+
     for r in rows:
-        if "torch" in by_name:
-            r["vs_torch"] = r["images_per_sec"] / by_name["torch"]
-        bare_name = f"bare {r['backend']}"
-        if bare_name in by_name:
-            r["vs_bare_library"] = r["images_per_sec"] / by_name[bare_name]
+        name = r["backend"]
+        if name in timed and "torch" in timed:
+            r["vs_torch"] = paired(name, "torch")
+        if name in timed and f"bare {name}" in timed:
+            r["vs_bare_library"] = paired(name, f"bare {name}")
     return rows
 
 
