@@ -1,10 +1,12 @@
 """Checkpoints: written atomically, loaded with weights_only=True, a corrupt one refused whole."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint file cannot be loaded (truncated, corrupt, or missing required entries)."""
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """git describe of the source tree when available, else the package version."""
     here = Path(__file__).resolve().parent
@@ -43,15 +46,29 @@ def save_atomic(state: dict, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    # the rename itself must reach the disk, or a crash can leave the directory without the file
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load(path: str | Path, required: tuple[str, ...] = REQUIRED) -> dict:
     """Load a whole checkpoint or raise CheckpointError; nothing is half-loaded."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    # torch.load does not check the zip's CRC-32s: a flipped bit in tensor data would load silently
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a fastrsb checkpoint (truncated?): {e}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: CRC mismatch in record {bad}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} not found") from None
     except Exception as e:  # truncated zip, bad pickle, unsafe type: all mean "do not trust this file"
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fastrsb checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or any(k not in state for k in required):

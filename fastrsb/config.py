@@ -83,7 +83,7 @@ class ScheduleConfig:
     min_lr: float = 1e-6  # cosine floor (absolute)
     cooldown_epochs: float = 0.0  # epochs held at min_lr after the cosine (counted inside train.epochs)
     peak_epoch: float = 2.0  # cyclic: linear 1e-4*lr -> lr at peak_epoch -> 0 at the end
-    step_epochs: float = 30.0  # step: multiply by step_ratio every step_epochs
+    step_epochs: int = 30  # step (ffcv-imagenet): multiply by step_ratio every step_epochs, 0 after the end
     step_ratio: float = 0.1
 
 
@@ -92,9 +92,9 @@ class LossConfig:
     kind: str = "ce"  # ce | bce
     label_smoothing: float = 0.0
     bce_target_threshold: float | None = None  # RSB: 0.2
-    kd_teacher: str = ""  # local checkpoint of a teacher (a fastrsb checkpoint or a state_dict file); "" = no KD
+    kd_teacher: str = ""  # local teacher weights (fastrsb or timm checkpoint, or a state_dict file); needed when kd_weight > 0
     kd_teacher_model: str = ""  # timm name of the teacher architecture (default: model.name)
-    kd_weight: float = 0.8  # loss = kd_weight * KL(teacher) + (1 - kd_weight) * task loss
+    kd_weight: float = 0.0  # > 0 turns KD on: loss = kd_weight * KL(teacher) + (1 - kd_weight) * task loss
     kd_temperature: float = 1.0
 
 
@@ -125,7 +125,7 @@ class TrainConfig:
     seed: int = 0
     log_interval: int = 50  # steps between host syncs (metrics line, progress bar)
     checkpoint_every_epochs: int = 1
-    checkpoint_every_minutes: float = 30.0
+    checkpoint_every_minutes: float = 30.0  # checked at log intervals (mid-epoch); 0 = at every log interval
     keep_checkpoints: int = 5  # newest kept; best-by-val ones are kept for `fastrsb average`
     eval_every_epochs: int = 1
     flip_tta: bool = False  # evaluate on the image and its mirror (ffcv-imagenet lr_tta)

@@ -14,7 +14,8 @@ class TaskLoss(torch.nn.Module):
     def __init__(self, cfg: LossConfig):
         super().__init__()
         if cfg.kind == "bce":
-            # timm's BCE smooths and thresholds (RSB: target_threshold 0.2) both kinds of target
+            # timm's semantics: hard targets are smoothed here, soft (mixup) ones arrive smoothed by
+            # Mixup; both are then binarised at target_threshold (RSB: 0.2)
             self.hard = self.soft = BinaryCrossEntropy(smoothing=cfg.label_smoothing, target_threshold=cfg.bce_target_threshold)
         elif cfg.kind == "ce":
             self.hard = LabelSmoothingCrossEntropy(cfg.label_smoothing) if cfg.label_smoothing else torch.nn.CrossEntropyLoss()
@@ -38,6 +39,11 @@ class Criterion(torch.nn.Module):
 
     def __init__(self, cfg: LossConfig, teacher: torch.nn.Module | None = None):
         super().__init__()
+        if (cfg.kd_weight > 0) != (teacher is not None):
+            raise ValueError("loss.kd_teacher: knowledge distillation needs both loss.kd_weight > 0 and a teacher "
+                             f"(kd_weight={cfg.kd_weight}, teacher {'given' if teacher is not None else 'missing'})")
+        if not 0 <= cfg.kd_weight <= 1:
+            raise ValueError(f"loss.kd_weight must lie in [0, 1], got {cfg.kd_weight}")
         self.task = TaskLoss(cfg)
         self.teacher = teacher
         self.kd_weight, self.temperature = cfg.kd_weight, cfg.kd_temperature

@@ -29,6 +29,11 @@ def create_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> tor
         raise ValueError(f"optim.name={name!r}: {e}") from e
 
 
+def _ffcv_step_lr(epoch: int, epochs: int, peak_lr: float, cfg: ScheduleConfig) -> float:
+    """ffcv-imagenet get_step_lr: lr * step_ratio ** (epoch // step_epochs), 0 once training is over."""
+    return 0.0 if epoch >= epochs else peak_lr * cfg.step_ratio ** (epoch // cfg.step_epochs)
+
+
 def lr_at(step: float, steps_per_epoch: int, epochs: int, peak_lr: float, cfg: ScheduleConfig) -> float:
     """Learning rate at a (fractional) global step. Pure: resume and tests just call it."""
     epoch = step / steps_per_epoch
@@ -39,7 +44,11 @@ def lr_at(step: float, steps_per_epoch: int, epochs: int, peak_lr: float, cfg: S
         start = peak_lr * cfg.warmup_start
         return start + (peak_lr - start) * epoch / warm
     if cfg.kind == "step":
-        return peak_lr * cfg.step_ratio ** math.floor(epoch / cfg.step_epochs)
+        # ffcv-imagenet interpolates each epoch linearly between its value and the next epoch's,
+        # so the lr ramps down over the epoch before each drop instead of jumping
+        e = math.floor(epoch)
+        lo, hi = _ffcv_step_lr(e, epochs, peak_lr, cfg), _ffcv_step_lr(e + 1, epochs, peak_lr, cfg)
+        return lo + (hi - lo) * (epoch - e)
     if cfg.kind != "cosine":
         raise ValueError(f"schedule.kind: expected cosine, cyclic or step, got {cfg.kind!r}")
     decay_end = epochs - cfg.cooldown_epochs
@@ -50,9 +59,15 @@ def lr_at(step: float, steps_per_epoch: int, epochs: int, peak_lr: float, cfg: S
 
 
 def resolution_at(epoch: int, cfg, default: int) -> int:
-    """FFCV-style progressive resizing: min_res until start_ramp, linear to max_res at end_ramp,
-    rounded to a multiple of `step`."""
+    """ffcv-imagenet's progressive resizing: min_res up to start_ramp, max_res from end_ramp on,
+    in between linear and rounded to a multiple of `step`."""
     if not cfg.enabled:
         return default
+    if cfg.min_res > cfg.max_res:
+        raise ValueError(f"progressive.min_res={cfg.min_res} > progressive.max_res={cfg.max_res}")
+    if epoch <= cfg.start_ramp:
+        return cfg.min_res
+    if epoch >= cfg.end_ramp:
+        return cfg.max_res
     res = np.interp(epoch, [cfg.start_ramp, cfg.end_ramp], [cfg.min_res, cfg.max_res])
-    return int(round(res / cfg.step)) * cfg.step
+    return int(np.round(res / cfg.step)) * cfg.step

@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         dist = init_distributed(cfg.train.device)
         trainer = Trainer(cfg, args.out, dist)
-    except (ConfigError, LoaderError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, LoaderError, ValueError, FileNotFoundError, RuntimeError) as e:  # before any step
         print(f"fastrsb train: error: {e}", file=sys.stderr)
         return 2
     try:
@@ -47,6 +47,8 @@ def _train(args: argparse.Namespace) -> int:
             (Path(args.out) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
             print(f"[train] {cfg.model.name} on {cfg.data.backend} ({dist.device}, world {dist.world_size}), "
                   f"{trainer.steps_per_epoch} steps/epoch, global batch {trainer.global_batch}, lr {trainer.peak_lr:g}")
+        if trainer.epoch >= cfg.train.epochs and dist.is_main:
+            print(f"[train] {args.out} already finished its {cfg.train.epochs} epochs; nothing to do")
         try:
             result = trainer.fit()
         except NonFiniteLoss as e:
@@ -97,7 +99,8 @@ def _eval(args: argparse.Namespace) -> int:
     from fastrsb.data import LoaderError
 
     try:
-        m = evaluate_checkpoint(args.checkpoint, args.data, args.res, args.crop_pct, args.ema, args.backend, args.device)
+        m = evaluate_checkpoint(args.checkpoint, args.data, args.res, args.crop_pct, args.ema, args.backend, args.device,
+                                args.batch_size)
     except (CheckpointError, LoaderError, ValueError) as e:
         print(f"fastrsb eval: error: {e}", file=sys.stderr)
         return 2
@@ -105,8 +108,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def average_checkpoints(run_dir: str | Path, best: int) -> Path:
-    """Average the weights (raw and EMA) of the `best` checkpoints by val top-1 into RUN_DIR/averaged.pt."""
+def average_checkpoints(run_dir: str | Path, best: int, metric: str = "val_top1") -> Path:
+    """Average the weights (raw and EMA) of the `best` checkpoints by `metric` into RUN_DIR/averaged.pt."""
     from fastrsb import checkpoint as ckpt
 
     run_dir = Path(run_dir)
@@ -117,11 +120,12 @@ def average_checkpoints(run_dir: str | Path, best: int) -> Path:
         except ckpt.CheckpointError as e:
             print(f"[average] skipping {e}", file=sys.stderr)
             continue
-        top1 = state.get("metrics", {}).get("val_top1")
-        if top1 is not None:
-            scored.append((top1, p, state))
+        value = state.get("metrics", {}).get(metric)
+        if value is not None:
+            scored.append((value, p, state))
     if len(scored) < best:
-        raise ValueError(f"{run_dir}: {len(scored)} checkpoint(s) with val metrics, --best {best} asked")
+        raise ValueError(f"{run_dir}: {len(scored)} checkpoint(s) with {metric}, --best {best} asked "
+                         "(train.keep_checkpoints bounds how many best ones are kept)")
     scored.sort(key=lambda s: -s[0])
     chosen = scored[:best]
 
@@ -137,7 +141,8 @@ def average_checkpoints(run_dir: str | Path, best: int) -> Path:
         return out
 
     avg = {"model": mean_of("model"), "ema": mean_of("ema"), "config": chosen[0][2]["config"],
-           "averaged_from": [str(s[1].name) for s in chosen], "averaged_val_top1": [s[0] for s in chosen]}
+           "code_version": ckpt.code_version(), "averaged_by": metric,
+           "averaged_from": [str(s[1].name) for s in chosen], "averaged_scores": [s[0] for s in chosen]}
     out = run_dir / "averaged.pt"
     ckpt.save_atomic(avg, out)
     return out
@@ -145,7 +150,7 @@ def average_checkpoints(run_dir: str | Path, best: int) -> Path:
 
 def _average(args: argparse.Namespace) -> int:
     try:
-        out = average_checkpoints(args.run_dir, args.best)
+        out = average_checkpoints(args.run_dir, args.best, args.metric)
     except ValueError as e:
         print(f"fastrsb average: error: {e}", file=sys.stderr)
         return 2
@@ -156,7 +161,7 @@ def _average(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     """The same recipe over several seeds (RSB's seed study): runs one after another, then mean ± std."""
     out = Path(args.out)
-    results = {}
+    finals = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         run = out / f"seed{seed}"
         launcher = [sys.executable, "-m", "fastrsb"] if args.nproc == 1 else \
@@ -167,13 +172,18 @@ def _sweep(args: argparse.Namespace) -> int:
         if subprocess.run(cmd).returncode != 0:
             print(f"fastrsb sweep: seed {seed} failed", file=sys.stderr)
             return 1
-        last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-        results[seed] = [r for r in last if "val_top1" in r][-1]["val_top1"]
-    vals = list(results.values())
-    summary = {"seeds": results, "mean_top1": statistics.mean(vals),
-               "std_top1": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        finals[seed] = [r for r in lines if "val_top1" in r][-1]
+    summary: dict = {"config": args.config, "seeds": list(finals)}
+    for key in ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5"):
+        vals = [f[key] for f in finals.values() if key in f]
+        if len(vals) == len(finals):
+            summary[key] = {"per_seed": vals, "mean": statistics.mean(vals),
+                            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
     (out / "sweep.json").write_text(json.dumps(summary, indent=1))
-    print(f"[sweep] top-1 {summary['mean_top1']:.2f} ± {summary['std_top1']:.2f} over {len(vals)} seeds")
+    for key in ("val_top1", "ema_val_top1"):
+        if key in summary:
+            print(f"[sweep] {key} {summary[key]['mean']:.2f} ± {summary[key]['std']:.2f} over {len(finals)} seeds")
     return 0
 
 
@@ -236,11 +246,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     e.add_argument("--backend", default=None, help="loader backend (default: the checkpoint's)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--batch-size", type=int, default=None, help="per process (default: the checkpoint's)")
     e.set_defaults(func=_eval)
 
     a = sub.add_parser("average", help="average the weights of a run's best checkpoints (by val top-1)")
     a.add_argument("run_dir")
     a.add_argument("--best", type=int, default=5)
+    a.add_argument("--metric", default="val_top1", choices=("val_top1", "ema_val_top1"),
+                   help="rank checkpoints by the raw or the EMA weights' val top-1")
     a.set_defaults(func=_average)
 
     s = sub.add_parser("sweep", help="run a recipe over several seeds and report mean ± std top-1")

@@ -11,6 +11,7 @@ import random
 import resource
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -77,6 +78,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _Meter:
+    """Train figures of the current log window (the loss stays on the device until a sync) and of the epoch."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device)
+        self.epoch_seen, self.epoch_wait, self.epoch_start = 0, 0.0, time.perf_counter()
+        self.seen, self.steps, self.wait, self.start = 0, 0, 0.0, self.epoch_start
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.loss += loss
+        self.bad += ~torch.isfinite(loss)
+        self.seen += n
+        self.steps += 1
+
+    def close_window(self) -> None:
+        self.epoch_seen += self.seen
+        self.epoch_wait += self.wait
+        self.loss.zero_()
+        self.bad.zero_()
+        self.seen, self.steps, self.wait, self.start = 0, 0, 0.0, time.perf_counter()
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: str | Path, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
@@ -107,10 +131,14 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
         teacher = None
-        if cfg.loss.kd_teacher:
+        if cfg.loss.kd_weight > 0:
+            if not cfg.loss.kd_teacher:
+                raise ValueError(f"loss.kd_teacher: loss.kd_weight={cfg.loss.kd_weight} distils from a teacher; "
+                                 "set loss.kd_teacher to a local checkpoint")
             teacher = load_teacher(cfg.loss.kd_teacher, cfg.loss.kd_teacher_model or cfg.model.name,
                                    self.num_classes, dist.device)
         self.criterion = Criterion(cfg.loss, teacher)
+        lr_at(0, self.steps_per_epoch, t.epochs, self.peak_lr, cfg.schedule)  # an unknown schedule fails here
         dtype = self.amp or torch.float32
         self.train_aug = build_batch_augment(cfg.augment, self.num_classes, cfg.loss.label_smoothing, dtype, True,
                                              seed=t.seed * 1000 + dist.rank)
@@ -122,6 +150,9 @@ class Trainer:
         if cfg.model.compile:
             self.net = torch.compile(self.net)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        # loss summed over this epoch's steps and ranks so far, and their count: checkpointed, so a
+        # resumed epoch reports the same mean as an uninterrupted one
+        self.epoch_loss: list = [0.0, 0]
         self.best_top1: dict[str, float] = {}  # checkpoint name -> val top-1 (for pruning/averaging)
         self._stop_signal: int | None = None
         self._last_ckpt_time = time.time()
@@ -147,6 +178,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "epoch_loss": list(self.epoch_loss),
             "rng": all_rng,
             "augment": self.train_aug.state_dict(),
             "best_top1": self.best_top1,
@@ -158,15 +190,19 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.load_state_dict(state["ema"])
+        if self.ema is not None:  # a run that turns EMA on at resume starts it from the loaded weights
+            self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
         self.best_top1 = dict(state.get("best_top1", {}))
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
+        elif self.dist.is_main:  # the sampler re-deals the epoch over the new ranks: not the same run
+            warnings.warn(f"checkpoint was written by {len(rngs)} process(es), resuming with {self.dist.world_size}: "
+                          "random streams restart and the mid-epoch sample split differs", stacklevel=2)
         self.train_aug.load_state_dict(state["augment"])
 
     def resume(self, how: str) -> Path | None:
@@ -205,7 +241,8 @@ class Trainer:
     def log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        record = {"epoch": self.epoch, "step": self.step, **record}
+        record = {"epoch": round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4), "step": self.step,
+                  **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
@@ -221,7 +258,7 @@ class Trainer:
         return lr
 
     def _should_stop(self) -> bool:
-        """Whether a SIGTERM/SIGINT arrived (agreed across ranks: called only at sync points in DDP)."""
+        """Whether a SIGTERM/SIGINT arrived on any rank (a collective under DDP: call on every rank)."""
         flag = self._stop_signal is not None
         if self.dist.distributed:
             t = torch.tensor([float(flag)], device=self.dist.device)
@@ -229,24 +266,66 @@ class Trainer:
             flag = bool(t.item() > 0)
         return flag
 
-    def train_epoch(self, bar: tqdm | None, max_steps: int | None = None) -> bool:
-        """One (possibly resumed) epoch, or its first max_steps steps (benchmarks).
-        Returns False when a stop signal ended it early."""
-        t, dev = self.cfg.train, self.dist.device
+    def _sync(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> tuple[float, bool, bool, bool]:
+        """The host sync of a log interval. Under DDP one all_reduce makes every rank agree on the
+        loss (summed over ranks), a non-finite loss anywhere, a stop signal anywhere and rank 0's
+        checkpoint clock, so all ranks raise, checkpoint or stop after the same step.
+        Returns (loss sum, non-finite, stop, checkpoint due)."""
+        due = self.dist.is_main and time.time() - self._last_ckpt_time >= 60 * self.cfg.train.checkpoint_every_minutes
+        host = torch.tensor([float(self._stop_signal is not None), float(due)], dtype=torch.float64)
+        v = torch.cat([torch.stack([loss_sum.double(), nonfinite.double()]), host.to(self.dist.device)])
+        if self.dist.distributed:
+            tdist.all_reduce(v)
+        loss, bad, stop, due = v.tolist()
+        return loss, bad > 0, stop > 0, due > 0
+
+    def _flush(self, m: _Meter, lr: float, res: int) -> tuple[dict, bool, bool]:
+        """Close a window of steps: sync, stop on a non-finite loss (fp16: the scaler skipped those
+        steps), fold the loss into the epoch's (checkpointed) total. Returns the window's metrics
+        line, whether to stop and whether a timed checkpoint is due."""
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        elapsed = time.perf_counter() - m.start
+        loss, bad, stop, due = self._sync(m.loss, m.bad)
+        if bad and self.amp is not torch.float16:
+            raise NonFiniteLoss(f"loss is not finite at step {self.step} (epoch {self.epoch}); "
+                                "stopping without overwriting the last good checkpoint")
+        world = self.dist.world_size
+        self.epoch_loss[0] += loss
+        self.epoch_loss[1] += m.steps * world
+        rec = {"kind": "interval", "loss": loss / (m.steps * world), "lr": lr, "res": res,
+               "images_per_sec": m.seen * world / elapsed, "data_stall": m.wait / elapsed,
+               "peak_memory_mb": peak_memory_mb(self.dist.device)}
+        m.close_window()
+        return rec, stop, due
+
+    def _epoch_checkpoint(self, epochs_done: int) -> bool:
+        t = self.cfg.train
+        return epochs_done == t.epochs or epochs_done % t.checkpoint_every_epochs == 0
+
+    def train_epoch(self, bar: tqdm | None = None, max_steps: int | None = None) -> dict | None:
+        """One (possibly resumed) epoch, or its first max_steps steps (benchmarks). Returns the
+        epoch's train figures, or None when a stop signal ended it (after a checkpoint)."""
+        t, dev, world = self.cfg.train, self.dist.device, self.dist.world_size
         res = resolution_at(self.epoch, self.cfg.progressive, self.cfg.data.train_res)
         self.train_loader.set_resolution(res)
-        self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
         self.net.train()
-        loss_sum = torch.zeros((), device=dev)
-        nonfinite = torch.zeros((), device=dev, dtype=torch.bool)
-        seen, steps, wait, window_start = 0, 0, 0.0, time.perf_counter()
+        if self.batch_in_epoch == 0:
+            self.epoch_loss = [0.0, 0]
+        # an interval checkpoint taken after the epoch's last step leaves nothing to load
+        if self.batch_in_epoch < self.steps_per_epoch:
+            self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
+            it = iter(self.train_loader)
+        else:
+            it = iter(())
+        m = _Meter(dev)
+        lr = self._set_lr()
         steps_done = 0
-        it = iter(self.train_loader)
-        while True:
+        while max_steps is None or steps_done < max_steps:
             t0 = time.perf_counter()
             batch = next(it, None)
-            wait += time.perf_counter() - t0
-            if batch is None or steps_done == max_steps:
+            m.wait += time.perf_counter() - t0
+            if batch is None:
                 break
             lr = self._set_lr()
             x, y = self.train_aug(batch.images, batch.targets)
@@ -262,43 +341,36 @@ class Trainer:
             self.scaler.update()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.step)
-            loss = loss.detach()
-            loss_sum += loss
-            nonfinite |= ~torch.isfinite(loss)
-            seen += x.shape[0]
-            steps += 1
+            m.add(loss.detach(), x.shape[0])
             steps_done += 1
             self.step += 1
             self.batch_in_epoch += 1
-            at_log = self.step % t.log_interval == 0
-            if at_log:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                elapsed = time.perf_counter() - window_start
-                if bool(nonfinite) and self.amp is not torch.float16:  # fp16: the scaler skipped those steps
-                    raise NonFiniteLoss(f"loss is not finite at step {self.step} (epoch {self.epoch}); "
-                                        "stopping without overwriting the last good checkpoint")
-                rec = {"loss": float(loss_sum) / steps, "lr": lr, "res": res,
-                       "images_per_sec": seen * self.dist.world_size / elapsed,
-                       "data_stall": wait / elapsed, "peak_memory_mb": peak_memory_mb(dev)}
+            if self.step % t.log_interval == 0:
+                rec, stop, due = self._flush(m, lr, res)
                 self.log(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rec['images_per_sec']:.0f}",
                                     wait=f"{100 * rec['data_stall']:.0f}%", refresh=False)
-                    bar.update(steps)
-                loss_sum.zero_()
-                nonfinite.zero_()
-                seen, steps, wait, window_start = 0, 0, 0.0, time.perf_counter()
-            if (at_log or not self.dist.distributed) and self._should_stop():
+                    bar.update(self.step - bar.n)
+                if stop:
+                    self.save_checkpoint()
+                    return None
+                # skipped when the epoch's own checkpoint follows at once
+                if due and not (self.batch_in_epoch == self.steps_per_epoch and self._epoch_checkpoint(self.epoch + 1)):
+                    self.save_checkpoint()
+                    m.start = time.perf_counter()  # checkpoint time is not train time
+            elif not self.dist.distributed and self._stop_signal is not None:  # one process: stop at once
+                self._flush(m, lr, res)
                 self.save_checkpoint()
-                return False
-            if at_log and time.time() - self._last_ckpt_time > 60 * t.checkpoint_every_minutes:
-                self.save_checkpoint()
-        if bool(nonfinite) and self.amp is not torch.float16:
-            raise NonFiniteLoss(f"loss is not finite in epoch {self.epoch}; stopping without a checkpoint")
+                return None
+        if m.steps:  # the epoch's last, partial window (a stop signal is handled by fit at the epoch's end)
+            self._flush(m, lr, res)
         if bar is not None:
-            bar.update(steps)
-        return True
+            bar.update(self.step - bar.n)
+        elapsed = time.perf_counter() - m.epoch_start
+        return {"loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1), "lr": lr, "res": res,
+                "images_per_sec": m.epoch_seen * world / elapsed, "data_stall": m.epoch_wait / elapsed,
+                "peak_memory_mb": peak_memory_mb(dev), "epoch_time_s": elapsed}
 
     def evaluate(self, model: torch.nn.Module | None = None) -> dict:
         return evaluate(model or self.model, self.val_loader, self.eval_aug, self.amp, self.dist,
@@ -306,10 +378,11 @@ class Trainer:
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C does not wait for the checkpoint
             self._stop_signal = signum
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        return old
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def fit(self) -> dict:
         """Train to the configured number of epochs (from wherever the state is). Returns the final
@@ -317,21 +390,24 @@ class Trainer:
         t = self.cfg.train
         old = self._install_signal_handlers()
         total = t.epochs * self.steps_per_epoch
-        bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not self.dist.is_main, desc="train") if self.dist.is_main else None
+        bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, desc="train") \
+            if self.dist.is_main else None
         metrics: dict = {}
         try:
             while self.epoch < t.epochs:
-                start = time.perf_counter()
                 if bar is not None:
                     bar.set_description(f"epoch {self.epoch + 1}/{t.epochs}")
-                if not self.train_epoch(bar):
+                train = self.train_epoch(bar)
+                if train is None:
                     return {"interrupted": True, "epoch": self.epoch, "step": self.step}
-                epoch_time = time.perf_counter() - start
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                metrics = {"epoch_time_s": epoch_time}
                 last = self.epoch == t.epochs
+                # checkpoint before an evaluation can outlast the grace period (the last one runs anyway)
+                if not last and self._should_stop():
+                    self.save_checkpoint()
+                    return {"interrupted": True, "epoch": self.epoch, "step": self.step}
+                metrics = {"kind": "epoch", **train}
                 if last or self.epoch % t.eval_every_epochs == 0:
                     m = self.evaluate()
                     metrics.update(val_top1=m["top1"], val_top5=m["top5"])
@@ -339,10 +415,8 @@ class Trainer:
                         e = self.evaluate(self.ema.module)
                         metrics.update(ema_val_top1=e["top1"], ema_val_top5=e["top5"])
                 self.log(metrics)
-                if last or self.epoch % t.checkpoint_every_epochs == 0:
+                if self._epoch_checkpoint(self.epoch):
                     self.save_checkpoint(metrics)
-                if self._should_stop():
-                    return {"interrupted": True, "epoch": self.epoch, "step": self.step}
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -377,5 +451,6 @@ def evaluate(model, loader, augment, amp: torch.dtype | None, dist: DistInfo, fl
 
 def train_throughput(metrics_path: Path) -> float:
     """Median images/sec over the interval lines of a run's metrics.jsonl."""
-    vals = [r["images_per_sec"] for r in map(json.loads, metrics_path.read_text().splitlines()) if "images_per_sec" in r]
+    vals = [r["images_per_sec"] for r in map(json.loads, metrics_path.read_text().splitlines())
+            if r.get("kind") == "interval"]
     return float(np.median(vals)) if vals else math.nan
