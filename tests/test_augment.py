@@ -13,8 +13,8 @@ from PIL import Image
 from timm.data import auto_augment as aa
 
 from fastrsb.augment import build_batch_augment
-from fastrsb.augment.randaugment import (IMAGENET_FILL, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, RandAugment,
-                                         apply_op, parse_rand_augment)
+from fastrsb.augment.randaugment import (IMAGENET_FILL, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, SIGNED, RandAugment,
+                                         apply_op, apply_op_args, level_to_arg, parse_rand_augment)
 from fastrsb.config import AugmentConfig
 
 # the CPU twin always runs; on a machine with a GPU the same tests also run the cuda path
@@ -63,10 +63,13 @@ def to_batch(img: Image.Image) -> torch.Tensor:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", OPS)
 def test_op_parity_with_timm(name, device):
-    """Colour/histogram ops: within +-1 grey level on >= 99% of pixels (measured: exact except
-    float rounding at .5 in blends). Geometric ops: PIL's fixed-point bilinear taps vs float
-    grid_sample differ by rounding; we hold every pixel within +-2 levels except the image border,
-    where PIL's edge handling differs, and >= 99% within +-1 overall."""
+    """Every op against timm's PIL op on real photographs at levels across 0..10. Colour/histogram ops:
+    within +-1 grey level on >= 99% of pixels (measured: exact, except AutoContrast's float32 table at
+    0.5% of pixels). Geometric ops: PIL interpolates in double and truncates, we interpolate in float32
+    (grid_sample) and truncate after +1e-3, so the two differ by one level where the exact value is
+    within rounding of an integer: >= 90% of pixels exact (measured >= 95%), every pixel within +-1 except
+    where a sample point lands exactly on the image edge, which PIL decides in double and we in float32
+    (fill vs edge pixel): at most 0.1% of pixels (none in these photographs)."""
     for img in photographs():
         batch = to_batch(img).to(device)
         for level in (0, 1, 2.5, 4, 5.5, 7, 8, 9.3, 10):
@@ -77,7 +80,8 @@ def test_op_parity_with_timm(name, device):
             diff = np.abs(np.asarray(ref).astype(int) - ours)
             assert (diff <= 1).mean() >= 0.99, (name, level, (diff <= 1).mean())
             if name in GEOMETRIC:
-                assert diff[2:-2, 2:-2].max() <= 2, (name, level, diff.max())
+                assert (diff == 0).mean() >= 0.9, (name, level, (diff == 0).mean())
+                assert (diff > 1).mean() <= 0.001, (name, level, (diff > 1).mean())
 
 
 def test_posterize_zero_bits_is_black_as_timm_meant():
@@ -153,6 +157,30 @@ def test_randaugment_keeps_dtype_shape_format_and_is_seeded(device):
     assert sum(not torch.equal(a[i], batch[i]) for i in range(16)) >= 8  # most images changed
     # each sample draws its own ops: identical inputs give different outputs
     assert len({a[i].sum().item() for i in range(16)}) > 4
+
+
+def test_batched_randaugment_applies_each_samples_own_ops_in_order():
+    """The batch is sorted by op, worked on in groups and put back: the result must be exactly each
+    sample's drawn ops applied to it alone, layer after layer; and the input is left untouched."""
+    config, n = "rand-m9-n3-mstd0.5-inc1", 40
+    photos = [to_batch(p.resize((56, 44))) for p in photographs()]
+    batch = torch.cat([photos[i % len(photos)] for i in range(n)]).contiguous(memory_format=torch.channels_last)
+    before = batch.clone()
+    out = RandAugment.from_config(config, seed=5)(batch)
+    assert torch.equal(batch, before)
+    ra = RandAugment.from_config(config, seed=5)
+    d, ops = ra.draw(n), ra.spec.ops
+    assert d["apply"].any(0).sum() >= n // 2
+    for i in range(n):
+        x = batch[i:i + 1].permute(0, 2, 3, 1).contiguous()  # ops work on (M,H,W,3)
+        for layer in range(ra.spec.num_layers):
+            if d["apply"][layer, i]:
+                name = ops[d["op"][layer, i]]
+                sign = d["sign"][layer, i:i + 1] if name in SIGNED else torch.ones(1)
+                x = apply_op_args(x, name, level_to_arg(name, d["magnitude"][layer, i:i + 1], sign))
+        assert torch.equal(out[i], x[0].permute(2, 0, 1)), i
+    nchw = apply_op(batch.contiguous(), "Rotate", 5)
+    assert nchw.is_contiguous() and torch.equal(nchw, apply_op(batch, "Rotate", 5))
 
 
 def _aug(train=True, **kw):

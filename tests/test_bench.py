@@ -92,3 +92,19 @@ def test_data_stall_meter(tmp_path):
     _, stall_slow = _measure_steps(slow, 5, 2)
     assert max(stall_fast) < 0.1, stall_fast
     assert min(stall_slow) > 0.6, stall_slow
+
+
+def test_bench_randaugment_script(tmp_path):
+    """benchmarks/bench_randaugment.py on a tiny batch: our row and both timm rows, ratios consistent."""
+    out = tmp_path / "ra.json"
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_randaugment", "--batch-size", "8", "--res", "48",
+                        "--batches", "1", "--repeats", "2", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert [row["implementation"].split(" (")[0] for row in rows] == ["fastrsb batched", "timm PIL per image", "timm PIL per image"]
+    for row in rows:
+        assert row["images_per_sec"] > 0 and row["min"] <= row["images_per_sec"] <= row["max"]
+    assert rows[1]["vs_timm_1_process"] == 1.0 and doc["settings"]["config"] == "rand-m7-mstd0.5-inc1"

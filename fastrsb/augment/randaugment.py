@@ -63,39 +63,65 @@ def level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Te
     raise KeyError(f"unknown RandAugment op {name!r}")
 
 
-# ------------------------------------------------------------------ pixel ops on (M,3,H,W) uint8
+# ------------------------------------------------------------------ pixel ops
+# Every op takes and returns uint8 images (M,H,W,3), contiguous: the NHWC memory of a channels-last
+# batch, so no layout conversion is ever made. Per-sample arguments arrive as (M,) tensors on the
+# CPU. Float work is float32 and kept to few passes: on a CPU these ops are memory-bound.
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(M,) per-sample values as a (M,1,1,1) float32 column on `like`'s device."""
+    return v.to(device=like.device, dtype=torch.float32).view(-1, 1, 1, 1)
+
+
+def _to_uint8(f: torch.Tensor) -> torch.Tensor:
+    """Clip to 0..255 and truncate, as PIL's (UINT8) casts do."""
+    return f.clamp_(0, 255).to(torch.uint8)
+
+
 def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL Image.blend(degenerate, img, factor) on uint8: truncation toward zero, then clip."""
-    f = factor.view(-1, 1, 1, 1)
-    out = degenerate.float() + f * (img.float() - degenerate.float())
-    return out.clamp(0, 255).trunc().to(torch.uint8)
+    """PIL Image.blend(degenerate, img, factor) on float32 inputs: deg + factor*(img - deg), clip, truncate.
+    `img` is consumed (used as scratch)."""
+    return _to_uint8(img.sub_(degenerate).mul_(_col(factor, img)).add_(degenerate))
 
 
 def _grayscale(img: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, shape (M,1,H,W) int32."""
-    x = img.to(torch.int32)
-    return (x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 0x8000) >> 16
+    """PIL's RGB -> L, (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, as float32 (M,H,W,1). Exact: every
+    partial sum is an integer below 2**24, which float32 holds exactly. Elementwise on purpose: a matmul
+    or convolution may run in TF32 on a GPU, which would not be exact."""
+    f = img.float()
+    gray = f[..., 0] * 19595.0
+    gray.add_(f[..., 1], alpha=38470.0).add_(f[..., 2], alpha=7471.0)
+    return gray.add_(32768.0).mul_(1.0 / 65536.0).floor_().unsqueeze(-1)
 
 
-def _apply_lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """lut (M,3,256) uint8-valued, per sample and channel."""
-    m, c, h, w = img.shape
-    flat = img.reshape(m, c, h * w).long()
-    return torch.gather(lut.to(img.dtype), 2, flat).reshape(m, c, h, w)
+# per-channel index offsets 0/256/512 for one HWC image, cached per (pixels, device)
+_CHANNEL_OFFSETS: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def _histogram(img: torch.Tensor) -> torch.Tensor:
-    m, c, h, w = img.shape
-    flat = img.reshape(m * c, h * w).long()
-    hist = torch.zeros(m * c, 256, dtype=torch.int64, device=img.device)
-    hist.scatter_add_(1, flat, torch.ones_like(flat))
-    return hist.view(m, c, 256)
+def _lut_index(img: torch.Tensor) -> torch.Tensor:
+    """int32 (M, H*W*3): each pixel's value + 256 * its channel + 768 * its sample, so that one flat
+    index addresses per-sample, per-channel histograms and lookup tables."""
+    m = img.shape[0]
+    flat = img.reshape(m, -1)
+    key = (flat.shape[1], str(img.device))
+    if key not in _CHANNEL_OFFSETS:
+        _CHANNEL_OFFSETS[key] = (torch.arange(flat.shape[1], device=img.device, dtype=torch.int32) % 3) * 256
+    sample = torch.arange(m, device=img.device, dtype=torch.int32).view(-1, 1) * 768
+    return flat.to(torch.int32).add_(_CHANNEL_OFFSETS[key]).add_(sample)
+
+
+def _apply_lut(img: torch.Tensor, lut: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """lut (M,3,256) values 0..255, per sample and channel."""
+    if index is None:
+        index = _lut_index(img)
+    out = torch.empty(img.shape, dtype=torch.uint8, device=img.device)
+    torch.index_select(lut.to(torch.uint8).reshape(-1), 0, index.view(-1), out=out.view(-1))
+    return out
 
 
 def auto_contrast(img: torch.Tensor) -> torch.Tensor:
     """ImageOps.autocontrast (cutoff 0): per channel, min..max stretched to 0..255 with int() truncation."""
-    lo = img.amin(dim=(2, 3)).float()
-    hi = img.amax(dim=(2, 3)).float()
+    lo, hi = img.reshape(img.shape[0], -1, 3).aminmax(dim=1)
+    lo, hi = lo.float(), hi.float()
     scale = 255.0 / (hi - lo).clamp(min=1)
     offset = -lo * scale
     ix = torch.arange(256, device=img.device, dtype=torch.float32)
@@ -107,7 +133,9 @@ def auto_contrast(img: torch.Tensor) -> torch.Tensor:
 def equalize(img: torch.Tensor) -> torch.Tensor:
     """ImageOps.equalize: per channel lut[i] = (step // 2 + sum(hist[:i])) // step,
     step = (total - count of the last non-empty bin) // 255; identity when step is 0."""
-    hist = _histogram(img)
+    m = img.shape[0]
+    index = _lut_index(img)
+    hist = torch.bincount(index.view(-1), minlength=m * 768).view(m, 3, 256)
     idx = torch.arange(256, device=img.device)
     last_bin = torch.where(hist > 0, idx, torch.full_like(idx, -1)).amax(-1, keepdim=True)
     last_count = torch.gather(hist, 2, last_bin.clamp(min=0))
@@ -115,75 +143,163 @@ def equalize(img: torch.Tensor) -> torch.Tensor:
     before = torch.cumsum(hist, -1) - hist
     lut = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255)
     lut = torch.where(step > 0, lut, idx.view(1, 1, 256))
-    return _apply_lut(img, lut)
+    return _apply_lut(img, lut, index)
 
 
 def posterize(img: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """ImageOps.posterize: keep the top `bits` bits (timm: 8 or more bits is the identity)."""
     b = bits.long().clamp(0, 8)
-    mask = ((0xFF << (8 - b)) & 0xFF).to(torch.uint8).view(-1, 1, 1, 1)
-    return img & mask
+    mask = ((0xFF << (8 - b)) & 0xFF).to(device=img.device, dtype=torch.uint8).view(-1, 1)
+    return (img.reshape(img.shape[0], -1) & mask).view(img.shape)
 
 
 def solarize(img: torch.Tensor, thresh: torch.Tensor) -> torch.Tensor:
-    t = thresh.view(-1, 1, 1, 1)
-    return torch.where(img.to(torch.int32) < t, img, 255 - img)
+    """ImageOps.solarize: invert the pixels at or above the threshold (256: none). XOR with 255 is 255 - x."""
+    flat = img.reshape(img.shape[0], -1)
+    t = thresh.to(device=img.device, dtype=torch.int16).view(-1, 1)
+    flip = (flat >= t).to(torch.uint8).mul_(255)
+    return flat.bitwise_xor(flip).view(img.shape)
 
 
 def solarize_add(img: torch.Tensor, add: torch.Tensor, thresh: int = 128) -> torch.Tensor:
-    a = add.view(-1, 1, 1, 1).to(torch.int32)
-    x = img.to(torch.int32)
-    return torch.where(x < thresh, (x + a).clamp(max=255), x).to(torch.uint8)
+    """timm's solarize_add: x + add (clipped) below the threshold. With timm's range (add <= 110 < 128)
+    x + add stays below 256, so uint8 arithmetic cannot wrap; larger adds are clipped explicitly."""
+    flat = img.reshape(img.shape[0], -1)
+    a = add.clamp(0, 255).to(device=img.device, dtype=torch.uint8).view(-1, 1)
+    below = flat < thresh
+    if int(add.max()) + thresh - 1 <= 255:
+        return flat.add(below.to(torch.uint8).mul_(a)).view(img.shape)
+    return torch.where(below, (flat.to(torch.int16) + a).clamp_(max=255).to(torch.uint8), flat).view(img.shape)
 
 
 def color(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(_grayscale(img).expand_as(img), img, factor)
+    gray = _grayscale(img).expand(img.shape).contiguous()
+    return _blend(gray, img.float(), factor)
 
 
 def contrast(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Contrast: blend with a flat image of the rounded mean grey level."""
-    mean = torch.floor(_grayscale(img).float().mean(dim=(1, 2, 3)) + 0.5)
-    return _blend(mean.view(-1, 1, 1, 1).expand_as(img), img, factor)
+    mean = torch.floor(_grayscale(img).mean(dim=(1, 2, 3)) + 0.5)
+    return _blend(_col(mean, img), img.float(), factor)
 
 
 def brightness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(torch.zeros_like(img), img, factor)
+    return _to_uint8(img.float().mul_(_col(factor, img)))
 
 
+# PIL's SMOOTH kernel without its divisor 13: integer weights keep the convolution exact even where
+# cuDNN computes float32 convolutions in TF32
 _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]])
 
 
 def sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter (kernel/13, rounded), borders unfiltered."""
-    m, c, h, w = img.shape
-    k = (_SMOOTH / 13.0).to(img.device).view(1, 1, 3, 3).expand(c, 1, 3, 3)
-    smooth = F.conv2d(img.float(), k, groups=c)
-    smooth = torch.floor(smooth + 0.5).clamp(0, 255)
-    degenerate = img.float().clone()
-    degenerate[:, :, 1:-1, 1:-1] = smooth
-    return _blend(degenerate, img, factor)
+    """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter (kernel / 13, rounded). The filter leaves
+    the 1-pixel border as it is, so the border blends to itself."""
+    f = img.float()
+    kernel = _SMOOTH.to(img.device).expand(3, 1, 3, 3)
+    # depthwise 3x3 on the channels-last view; (s + 6.5) / 13 is never within 1/26 of an integer,
+    # so floor gives PIL's rounding exactly
+    smooth = F.conv2d(f.permute(0, 3, 1, 2), kernel, groups=3).permute(0, 2, 3, 1)
+    smooth = smooth.add_(6.5).mul_(1.0 / 13.0).floor_()
+    out = img.clone()
+    out[:, 1:-1, 1:-1] = _blend(smooth, f[:, 1:-1, 1:-1].contiguous(), factor)  # _blend consumes its copy
+    return out
+
+
+# Canvases for affine(), kept per (size, device) and grown as needed: their fill rings are written
+# once, and a fresh canvas per call would be page-faulted in every time (as costly as the op on a CPU).
+_PAD = 3
+_CANVASES: dict[tuple, torch.Tensor] = {}
+
+
+def _canvas(img: torch.Tensor, fill) -> torch.Tensor:
+    """(M, H+6, W+6, 3) float32: the images at offset 3, a ring of their replicated edge pixels, then
+    two rings of `fill`."""
+    m, h, w, _ = img.shape
+    key = (h, w, img.device, tuple(fill))
+    canvas = _CANVASES.get(key)
+    if canvas is None or canvas.shape[0] < m:
+        canvas = torch.empty(m, h + 2 * _PAD, w + 2 * _PAD, 3, device=img.device)
+        canvas[:] = torch.tensor(fill, device=img.device, dtype=torch.float32)
+        _CANVASES[key] = canvas
+    canvas = canvas[:m]
+    inner = canvas[:, _PAD - 1:h + _PAD + 1, _PAD - 1:w + _PAD + 1]
+    inner[:, 1:-1, 1:-1] = img
+    inner[:, 0, 1:-1] = inner[:, 1, 1:-1]
+    inner[:, -1, 1:-1] = inner[:, -2, 1:-1]
+    inner[:, :, 0] = inner[:, :, 1]
+    inner[:, :, -1] = inner[:, :, -2]
+    return canvas
 
 
 def affine(img: torch.Tensor, coeffs: torch.Tensor, fill=IMAGENET_FILL) -> torch.Tensor:
-    """PIL Image.transform(AFFINE, (a,b,c,d,e,f), BILINEAR, fillcolor): output pixel centre (x+.5, y+.5)
-    samples the input at (a x' + b y' + c, d x' + e y' + f); outside the image is `fill`.
-    coeffs (M,6) float. Bilinear: timm sets resample from the train interpolation; we use bilinear."""
-    m, c, h, w = img.shape
+    """PIL Image.transform(AFFINE, (a,b,c,d,e,f), BILINEAR, fillcolor) on (M,H,W,3): the output pixel
+    centre (x+.5, y+.5) samples the input at u = a x' + b y' + c, v = d x' + e y' + f (pixel-corner
+    convention). PIL clamps the bilinear taps at the image edge and fills where (u, v) is outside the
+    image. Both come from one grid_sample on the canvas: outside points are sent to its fill rings.
+    PIL truncates its double-precision result; float32 lands a hair below exact integers, hence +1e-3.
+    coeffs (M,6) float."""
+    m, h, w, _ = img.shape
     dev = img.device
-    ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32) + 0.5,
-                            torch.arange(w, device=dev, dtype=torch.float32) + 0.5, indexing="ij")
-    a, b, cc, d, e, f = (coeffs[:, i].view(-1, 1, 1) for i in range(6))
-    u = a * xs + b * ys + cc  # input coordinates, pixel-corner convention
-    v = d * xs + e * ys + f
-    grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], dim=-1)  # align_corners=False normalisation
-    src = torch.cat([img.float(), torch.ones(m, 1, h, w, device=dev)], dim=1)
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)  # PIL fills where the sample point is outside
-    coverage = out[:, 3:4].clamp(min=1e-6)
-    pix = out[:, :3] / coverage  # renormalise partial border taps (PIL clamps taps at the border)
-    fill_t = torch.tensor(fill, device=dev, dtype=torch.float32).view(1, 3, 1, 1)
-    pix = torch.where(inside.unsqueeze(1), pix, fill_t)
-    return torch.floor(pix + 0.5).clamp(0, 255).to(torch.uint8)
+    canvas = _canvas(img, fill)
+    # u, v in pixels (float32 as computed here reproduces PIL's inside/outside decisions on exact
+    # boundaries in the parity tests, where normalised coordinates do not), then normalised in place
+    # to grid_sample's coordinates on the canvas (align_corners=False)
+    k = coeffs.to(torch.float32)
+    rows = k.tolist()
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5).view(1, 1, w)
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5).view(1, h, 1)
+    grid = torch.empty(m, h, w, 2, device=dev)
+    outside = None
+    for axis, size, canvas_size in ((0, w, w + 2 * _PAD), (1, h, h + 2 * _PAD)):
+        a, b, c = (k[:, 3 * axis + j].view(-1, 1, 1) for j in range(3))
+        g = grid[..., axis]
+        torch.add((a * xs).to(dev), (b * ys + c).to(dev), out=g)
+        identity = all(row[3 * axis:3 * axis + 3] == ([1.0, 0.0, 0.0] if axis == 0 else [0.0, 1.0, 0.0]) for row in rows)
+        if not identity:  # PIL fills where u is outside [0, w) or v outside [0, h); a shear keeps one inside
+            out_g = (g < 0) | (g >= size)
+            outside = out_g if outside is None else outside.logical_or_(out_g)
+        scale = 2.0 / canvas_size
+        torch.add(torch.tensor(_PAD * scale - 1.0, device=dev), g, alpha=scale, out=g)
+    if outside is not None:  # the centre of the canvas's corner pixel has only fill around it
+        grid[..., 0].masked_fill_(outside, 1.0 / (w + 2 * _PAD) - 1.0)
+        grid[..., 1].masked_fill_(outside, 1.0 / (h + 2 * _PAD) - 1.0)
+    out = F.grid_sample(canvas.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.add_(0.001).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def translate(img: torch.Tensor, shift: torch.Tensor, dim: int, fill=IMAGENET_FILL) -> torch.Tensor:
+    """affine() for a pure translation along `dim` (2: x, 1: y), which needs no grid: output pixel i
+    samples the input at i + shift, so with k = floor(shift) and fraction t every output is
+    a + (b - a) * t of the input pixels i + k and i + k + 1 (PIL's bilinear, +1e-3 as in affine()),
+    taps clamped at the edge, fill where the sample point is outside. shift (M,) in pixels; a few
+    slice ops per sample."""
+    size = img.shape[dim]
+    out = torch.empty_like(img)
+    fill_t = torch.tensor(fill, device=img.device, dtype=torch.uint8)
+    for i, s in enumerate(shift.tolist()):
+        k = math.floor(s)
+        t = s - k
+        src, dst = img[i].movedim(dim - 1, 0), out[i].movedim(dim - 1, 0)
+        # PIL samples where 0 <= i + 0.5 + s < size, i.e. for outputs lo <= i < hi
+        lo = min(max(0, math.ceil(-0.5 - s)), size)
+        hi = max(min(size, math.ceil(size - 0.5 - s)), lo)
+        dst[:lo] = fill_t
+        dst[hi:] = fill_t
+        if hi == lo:
+            continue
+        # taps a = src[i + k], b = src[i + k + 1] for lo <= i < hi; they leave the image by at most one
+        # pixel, which the clamp replaces by the edge pixel
+        if 0 <= lo + k and hi + k <= size - 1:  # no clamping: a plain slice
+            taps = src[lo + k:hi + k + 1]
+        else:
+            taps = src.index_select(0, torch.arange(lo + k, hi + k + 1, device=img.device).clamp_(0, size - 1))
+        if t == 0:
+            dst[lo:hi] = taps[:-1]
+            continue
+        a = taps[:-1].float()
+        dst[lo:hi] = torch.add(a, taps[1:].float().sub_(a), alpha=t).add_(0.001)
+    return out
 
 
 def _affine_coeffs(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -207,10 +323,13 @@ def _affine_coeffs(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor
 
 
 def apply_op_args(images: torch.Tensor, name: str, arg: torch.Tensor) -> torch.Tensor:
-    """Apply op `name` with per-sample PIL-level arguments `arg` (M,) to uint8 (M,3,H,W)."""
+    """Apply op `name` with per-sample PIL-level arguments `arg` (M,) to uint8 (M,H,W,3) NHWC images."""
     base = name.removesuffix("Increasing").removesuffix("Original")
-    if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
-        return affine(images, _affine_coeffs(name, arg.float(), images.shape[2], images.shape[3]))
+    if name in ("TranslateXRel", "TranslateYRel"):  # PIL: output x samples input x + pct * width
+        dim = 2 if name == "TranslateXRel" else 1
+        return translate(images, arg.double() * images.shape[dim], dim)
+    if name in ("Rotate", "ShearX", "ShearY"):
+        return affine(images, _affine_coeffs(name, arg.double(), images.shape[1], images.shape[2]))
     if name == "AutoContrast":
         return auto_contrast(images)
     if name == "Equalize":
@@ -229,13 +348,22 @@ def apply_op_args(images: torch.Tensor, name: str, arg: torch.Tensor) -> torch.T
     return fn(images, arg.float())
 
 
+def _nhwc(images: torch.Tensor) -> torch.Tensor:
+    """The (N,H,W,3) view of a channels-last (N,3,H,W) batch (a copy only for other layouts)."""
+    return images.permute(0, 2, 3, 1).contiguous()
+
+
+def _restore_layout(nhwc: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = nhwc.permute(0, 3, 1, 2)
+    return out if like.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
 def apply_op(images: torch.Tensor, name: str, level: float) -> torch.Tensor:
     """timm op `name` at magnitude `level` (0..10) in the positive direction, for every sample.
     images: uint8 (N,3,H,W) on any device; returns the same dtype/shape/memory format."""
-    lv = torch.full((images.shape[0],), float(level), device=images.device)
+    lv = torch.full((images.shape[0],), float(level))
     arg = level_to_arg(name, lv, torch.ones_like(lv))
-    out = apply_op_args(images.contiguous(), name, arg)
-    return out.contiguous(memory_format=torch.channels_last) if images.is_contiguous(memory_format=torch.channels_last) else out
+    return _restore_layout(apply_op_args(_nhwc(images), name, arg), images)
 
 
 @dataclass(frozen=True)
@@ -288,6 +416,7 @@ class RandAugment:
     def __init__(self, spec: RandAugmentSpec, seed: int = 0):
         self.spec = spec
         self.gen = torch.Generator().manual_seed(seed)
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, config: str, seed: int = 0) -> "RandAugment":
@@ -310,21 +439,45 @@ class RandAugment:
         return {"op": op, "apply": apply, "magnitude": mag, "sign": sign}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """A new augmented batch (the input is not modified), same dtype, shape and memory format.
+        Each layer gathers the batch sorted by that layer's op, so every op group is a contiguous slice
+        worked on in place; a last gather restores the sample order. Gathers are cheap on CPU and GPU
+        alike, unlike scattering groups back into the batch."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"RandAugment expects uint8 (N,3,H,W) batches, got {images.dtype} {tuple(images.shape)}")
-        d = self.draw(images.shape[0])
-        dev = images.device
-        out = images.contiguous()  # ops work on NCHW-contiguous data; the layout is restored below
+        n, dev, num_ops = images.shape[0], images.device, len(self.spec.ops)
+        d = self.draw(n)
+        work = _nhwc(images)
+        holds = torch.arange(n)  # work[j] holds sample holds[j]
         for layer in range(self.spec.num_layers):
-            op, apply = d["op"][layer], d["apply"][layer]
-            for k, name in enumerate(self.spec.ops):
-                sel = torch.nonzero((op == k) & apply).flatten()
-                if sel.numel() == 0:
-                    continue
-                arg = level_to_arg(name, d["magnitude"][layer, sel], d["sign"][layer, sel] if name in SIGNED else torch.ones(sel.numel()))
-                sel_dev = sel.to(dev)
-                out = out.index_copy(0, sel_dev, apply_op_args(out.index_select(0, sel_dev), name, arg.to(dev)))
-        return out.contiguous(memory_format=torch.channels_last) if images.is_contiguous(memory_format=torch.channels_last) else out
+            op = torch.where(d["apply"][layer], d["op"][layer], num_ops)  # num_ops: not applied
+            order = torch.argsort(op, stable=True)
+            position = torch.empty_like(holds)
+            position[holds] = torch.arange(n)
+            work = torch.index_select(work, 0, position[order].to(dev), out=self._scratch(work, layer % 2))
+            holds = order
+            start = 0
+            for k, count in enumerate(torch.bincount(op, minlength=num_ops + 1)[:num_ops].tolist()):
+                if count:
+                    name, group = self.spec.ops[k], order[start:start + count]
+                    sign = d["sign"][layer, group] if name in SIGNED else torch.ones(count)
+                    arg = level_to_arg(name, d["magnitude"][layer, group], sign)
+                    work[start:start + count] = apply_op_args(work[start:start + count], name, arg)
+                start += count
+        position = torch.empty_like(holds)
+        position[holds] = torch.arange(n)
+        # out= matters: index_select into a tensor it allocates itself takes a path ~5x slower on CPU
+        restored = torch.index_select(work, 0, position.to(dev), out=torch.empty_like(work))
+        return _restore_layout(restored, images)
+
+    def _scratch(self, like: torch.Tensor, which: int) -> torch.Tensor:
+        """Two work buffers kept across calls: a fresh batch-sized tensor per layer would be page-faulted
+        in on every call, which on a CPU costs as much as the ops themselves."""
+        key = (which, tuple(like.shape), like.device)
+        if key not in self._buffers:
+            self._buffers = {k: v for k, v in self._buffers.items() if k[1:] == key[1:]}
+            self._buffers[key] = torch.empty_like(like)
+        return self._buffers[key]
 
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state()}
