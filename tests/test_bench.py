@@ -35,11 +35,13 @@ def _bench(tmp_path, *args):
 
 def test_bench_loader(small_dataset, tmp_path):
     doc = _bench(tmp_path, "loader", "--data", str(small_dataset), "--backends", "ffcv,dali,torch", "--batch-size", "8",
-                 "--res", "32", "--workers", "2", "--repeats", "2")
+                 "--res", "32", "--workers", "2", "--repeats", "2", "--reference", str(small_dataset.parent / "src"))
     names = [r["backend"] for r in doc["results"]]
-    assert names[:5] == ["ffcv", "bare ffcv", "dali", "bare dali", "torch"] and names[-1].startswith("decode limit")
+    assert names[:6] == ["ffcv", "bare ffcv", "dali", "bare dali", "torch", "torchvision ImageFolder (original JPEGs)"]
+    assert names[-1].startswith("decode limit")
     assert all(r["repeats"] == 2 for r in doc["results"])
-    assert doc["results"][0]["vs_bare_library"] > 0 and doc["results"][0]["vs_torch"] > 0
+    first = doc["results"][0]
+    assert first["vs_bare_library"] > 0 and first["vs_torch"] > 0 and first["vs_imagefolder"] > 0
 
 
 def test_bench_model(tmp_path):

@@ -285,3 +285,39 @@ def test_two_process_gloo_run(coded_dataset, tmp_path):
             assert ids("val", got[backend + "/val"]) == val, (backend, rank)
         val_seen += sum(val, [])
     assert sorted(val_seen) == list(range(n_val))
+
+
+@pytest.fixture(scope="session")
+def two_tone_dataset(tmp_path_factory):
+    """Images red on the left half, blue on the right: a horizontal flip shows in the first column."""
+    from PIL import Image
+
+    from dataprep.convert import convert
+
+    root = tmp_path_factory.mktemp("twotone")
+    for k in range(48):
+        img = Image.new("RGB", (48, 36), (220, 20, 20))
+        img.paste((20, 20, 220), (24, 0, 48, 36))
+        path = root / "src" / "train" / ("a" if k % 2 else "b") / f"{k:03d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=95)
+    convert(root / "src", root / "data", workers=2, shard_size=16, progress=False, log=lambda s: None)
+    return root / "data"
+
+
+@pytest.mark.parametrize("backend", FILE_BACKENDS)
+def test_train_batches_are_flipped_half_the_time(two_tone_dataset, backend):
+    """RandomResizedCrop of the whole image (scale and ratio pinned) plus a random horizontal flip:
+    about half the images come out blue on the left, and the rest red on the left."""
+    cfg = make_cfg(two_tone_dataset, backend, scale="[1.0,1.0]", ratio="[1.3333333,1.3333334]")
+    flipped = []
+    for epoch in range(2):
+        loader = create_loader(cfg, "train", DistInfo())
+        loader.set_epoch(epoch)
+        for x, _ in zip(*collect(loader)):
+            left, right = x[:, :, :, :4].float().mean(dim=(2, 3)), x[:, :, :, -4:].float().mean(dim=(2, 3))
+            red_left = (left[:, 0] > 150) & (left[:, 2] < 80) & (right[:, 2] > 150)
+            blue_left = (left[:, 2] > 150) & (left[:, 0] < 80) & (right[:, 0] > 150)
+            assert bool((red_left | blue_left).all()), "the whole image must be in the crop, one half per side"
+            flipped += blue_left.tolist()
+    assert 0.25 <= sum(flipped) / len(flipped) <= 0.75, sum(flipped) / len(flipped)

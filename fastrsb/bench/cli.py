@@ -22,12 +22,12 @@ def _loader(args) -> int:
     from fastrsb.bench.suite import bench_loader
 
     rows = bench_loader(args.data, args.backends.split(","), args.batch_size, args.res, args.workers, args.repeats,
-                        args.device, not args.no_bare, not args.no_decode_limit, args.epochs)
-    _out(args, "loader", rows, ["backend", "images_per_sec", "min", "max", "vs_torch", "vs_bare_library",
-                                "fraction_of_decode_limit"], "backend",
+                        args.device, not args.no_bare, not args.no_decode_limit, args.epochs, args.reference)
+    _out(args, "loader", rows, ["backend", "images_per_sec", "min", "max", "vs_torch", "vs_bare_library"]
+         + (["vs_imagefolder"] if args.reference else []) + ["fraction_of_decode_limit"], "backend",
          f"loader only: uint8 {args.res}px train batches of {args.batch_size}",
          {"settings": {"data": args.data, "batch_size": args.batch_size, "res": args.res, "workers": args.workers,
-                       "epochs_per_repeat": args.epochs}})
+                       "epochs_per_repeat": args.epochs, "reference": args.reference}})
     return 0
 
 
@@ -81,6 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=2, help="consecutive epochs timed per repeat (default 2)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-library rows")
     p.add_argument("--no-decode-limit", action="store_true", help="skip the decode-only row")
+    p.add_argument("--reference", default=None, metavar="SRC",
+                   help="also time torchvision's ImageFolder on SRC, the original tree DATA was converted from")
     _common(p)
     p.set_defaults(func=_loader)
 

@@ -107,9 +107,30 @@ def bare_dali(data: str, batch_size: int, res: int, workers: int, device: torch.
     return lambda _i: (out[0]["images"] for out in it)
 
 
+def imagefolder_reference(src: str, batch_size: int, res: int, workers: int, device: torch.device):
+    """What a user runs without fastrsb (timm's train.py, torchvision's reference scripts): ImageFolder
+    over the original JPEG tree, PIL decode, RandomResizedCrop + flip in persistent DataLoader workers."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    root = Path(src) / "train" if (Path(src) / "train").is_dir() else Path(src)
+    tf = T.Compose([T.RandomResizedCrop(res), T.RandomHorizontalFlip(), T.PILToTensor()])
+    loader = DataLoader(datasets.ImageFolder(str(root), transform=tf), batch_size=batch_size, shuffle=True,
+                        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    return lambda _i: (images.to(device, non_blocking=True) for images, _ in loader)
+
+
+IMAGEFOLDER = "torchvision ImageFolder (original JPEGs)"
+
+
 def bench_loader(data: str, backends: list[str], batch_size: int, res: int, workers: int, repeats: int,
-                 device: str = "auto", bare: bool = True, decode_limit: bool = True, epochs: int = 2) -> list[dict]:
-    """images/sec of each backend (and the bare libraries) producing uint8 train batches on the device."""
+                 device: str = "auto", bare: bool = True, decode_limit: bool = True, epochs: int = 2,
+                 reference: str | None = None) -> list[dict]:
+    """images/sec of each backend (and the bare libraries) producing uint8 train batches on the device;
+    with `reference` (the class-folder tree DATA was converted from), also torchvision's ImageFolder
+    reading those originals, the loader fastrsb replaces."""
     from fastrsb.bench.decode import decode_throughput
     from fastrsb.data import create_loader
 
@@ -134,6 +155,8 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
         if bare and backend in ("ffcv", "dali"):
             factories.append((f"bare {backend}", bare_ffcv(data, batch_size, res, workers, dev) if backend == "ffcv"
                               else bare_dali(data, batch_size, res, workers, dev, cfg.data.prefetch)))
+    if reference:
+        factories.append((IMAGEFOLDER, imagefolder_reference(reference, batch_size, res, workers, dev)))
     timed = _time_round_robin(factories, repeats, epochs, sync)
     rows = [{"backend": name, **_summary(values), "per_round": [round(v, 1) for v in values]}
             for name, values in timed.items()]
@@ -154,6 +177,8 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
             r["vs_torch"] = paired(name, "torch")
         if name in timed and f"bare {name}" in timed:
             r["vs_bare_library"] = paired(name, f"bare {name}")
+        if name in timed and IMAGEFOLDER in timed:
+            r["vs_imagefolder"] = paired(name, IMAGEFOLDER)
     return rows
 
 

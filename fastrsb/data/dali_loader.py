@@ -82,9 +82,12 @@ class DaliBackend(SplitLoader):
             if train:
                 images = fn.decoders.image_random_crop(jpegs, device=self.decode, output_type=types.RGB,
                                                        random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio))
+                # the flip rides on the resize (a ROI whose x end precedes its start is mirrored): one pass
+                # over the output instead of two
+                flip = fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)
                 images = fn.resize(images, device=dev_out, resize_x=res, resize_y=res, interp_type=_INTERP[cfg.interpolation],
-                                   antialias=True)
-                images = fn.flip(images, device=dev_out, horizontal=fn.random.coin_flip())
+                                   antialias=True, roi_relative=True, roi_start=fn.stack(0.0, flip),
+                                   roi_end=fn.stack(1.0, 1.0 - flip))
             else:
                 images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
                 images = fn.resize(images, device=dev_out, resize_shorter=float(int(res / cfg.crop_pct)),
