@@ -84,6 +84,20 @@ def test_op_parity_with_timm(name, device):
                 assert (diff > 1).mean() <= 0.001, (name, level, (diff > 1).mean())
 
 
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (3, 2)])
+def test_tiny_images_match_timm(size):
+    """Images too small for the 3x3 smoothing filter or a full bilinear neighbourhood."""
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    for name in OPS:
+        for level in (0, 5, 10):
+            ref = timm_op(img, name, level)
+            if ref is None:
+                continue
+            ours = apply_op(to_batch(img), name, level)[0].permute(1, 2, 0).numpy().astype(int)
+            assert np.abs(np.asarray(ref).astype(int) - ours).max() <= 1, (name, level)
+
+
 def test_posterize_zero_bits_is_black_as_timm_meant():
     img = to_batch(photographs()[0])
     assert apply_op(img, "Posterize", 0).max() == 0

@@ -195,6 +195,8 @@ _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]])
 def sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter (kernel / 13, rounded). The filter leaves
     the 1-pixel border as it is, so the border blends to itself."""
+    if min(img.shape[1:3]) < 3:  # all border
+        return img.clone()
     f = img.float()
     kernel = _SMOOTH.to(img.device).expand(3, 1, 3, 3)
     # depthwise 3x3 on the channels-last view; (s + 6.5) / 13 is never within 1/26 of an integer,
