@@ -310,10 +310,6 @@ def _affine_coeffs(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor
         return torch.stack([one, arg, zero, zero, one, zero], 1)
     if name == "ShearY":
         return torch.stack([one, zero, zero, arg, one, zero], 1)
-    if name == "TranslateXRel":
-        return torch.stack([one, zero, arg * w, zero, one, zero], 1)
-    if name == "TranslateYRel":
-        return torch.stack([one, zero, zero, zero, one, arg * h], 1)
     if name == "Rotate":  # PIL Image.rotate(deg): counter-clockwise about (w/2, h/2), same size
         ang = -torch.deg2rad(arg)
         cos, sin = torch.cos(ang), torch.sin(ang)
