@@ -208,52 +208,24 @@ def sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Canvases for affine(), kept per (size, device) and grown as needed: their fill rings are written
-# once, and a fresh canvas per call would be page-faulted in every time (as costly as the op on a CPU).
-_PAD = 3
-_CANVASES: dict[tuple, torch.Tensor] = {}
-
-
-def _canvas(img: torch.Tensor, fill) -> torch.Tensor:
-    """(M, H+6, W+6, 3) float32: the images at offset 3, a ring of their replicated edge pixels, then
-    two rings of `fill`."""
-    m, h, w, _ = img.shape
-    key = (h, w, img.device, tuple(fill))
-    canvas = _CANVASES.get(key)
-    if canvas is None or canvas.shape[0] < m:
-        canvas = torch.empty(m, h + 2 * _PAD, w + 2 * _PAD, 3, device=img.device)
-        canvas[:] = torch.tensor(fill, device=img.device, dtype=torch.float32)
-        _CANVASES[key] = canvas
-    canvas = canvas[:m]
-    inner = canvas[:, _PAD - 1:h + _PAD + 1, _PAD - 1:w + _PAD + 1]
-    inner[:, 1:-1, 1:-1] = img
-    inner[:, 0, 1:-1] = inner[:, 1, 1:-1]
-    inner[:, -1, 1:-1] = inner[:, -2, 1:-1]
-    inner[:, :, 0] = inner[:, :, 1]
-    inner[:, :, -1] = inner[:, :, -2]
-    return canvas
-
-
 def affine(img: torch.Tensor, coeffs: torch.Tensor, fill=IMAGENET_FILL) -> torch.Tensor:
     """PIL Image.transform(AFFINE, (a,b,c,d,e,f), BILINEAR, fillcolor) on (M,H,W,3): the output pixel
     centre (x+.5, y+.5) samples the input at u = a x' + b y' + c, v = d x' + e y' + f (pixel-corner
-    convention). PIL clamps the bilinear taps at the image edge and fills where (u, v) is outside the
-    image. Both come from one grid_sample on the canvas: outside points are sent to its fill rings.
-    PIL truncates its double-precision result; float32 lands a hair below exact integers, hence +1e-3.
-    coeffs (M,6) float."""
+    convention). PIL clamps the bilinear taps at the image edge, which is grid_sample's border padding,
+    and fills where (u, v) is outside the image. PIL truncates its double-precision result; float32
+    lands a hair below exact integers, hence +1e-3. coeffs (M,6) float."""
     m, h, w, _ = img.shape
     dev = img.device
-    canvas = _canvas(img, fill)
     # u, v in pixels (float32 as computed here reproduces PIL's inside/outside decisions on exact
     # boundaries in the parity tests, where normalised coordinates do not), then normalised in place
-    # to grid_sample's coordinates on the canvas (align_corners=False)
+    # to grid_sample's coordinates (align_corners=False)
     k = coeffs.to(torch.float32)
     rows = k.tolist()
     xs = (torch.arange(w, dtype=torch.float32) + 0.5).view(1, 1, w)
     ys = (torch.arange(h, dtype=torch.float32) + 0.5).view(1, h, 1)
     grid = torch.empty(m, h, w, 2, device=dev)
     outside = None
-    for axis, size, canvas_size in ((0, w, w + 2 * _PAD), (1, h, h + 2 * _PAD)):
+    for axis, size in ((0, w), (1, h)):
         a, b, c = (k[:, 3 * axis + j].view(-1, 1, 1) for j in range(3))
         g = grid[..., axis]
         torch.add((a * xs).to(dev), (b * ys + c).to(dev), out=g)
@@ -261,12 +233,12 @@ def affine(img: torch.Tensor, coeffs: torch.Tensor, fill=IMAGENET_FILL) -> torch
         if not identity:  # PIL fills where u is outside [0, w) or v outside [0, h); a shear keeps one inside
             out_g = (g < 0) | (g >= size)
             outside = out_g if outside is None else outside.logical_or_(out_g)
-        scale = 2.0 / canvas_size
-        torch.add(torch.tensor(_PAD * scale - 1.0, device=dev), g, alpha=scale, out=g)
-    if outside is not None:  # the centre of the canvas's corner pixel has only fill around it
-        grid[..., 0].masked_fill_(outside, 1.0 / (w + 2 * _PAD) - 1.0)
-        grid[..., 1].masked_fill_(outside, 1.0 / (h + 2 * _PAD) - 1.0)
-    out = F.grid_sample(canvas.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        g.mul_(2.0 / size).sub_(1.0)
+    out = F.grid_sample(img.float().permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)  # (M,3,H,W): each channel a contiguous plane
+    if outside is not None:
+        for channel, value in enumerate(fill):
+            out[:, channel].masked_fill_(outside, value)
     return out.add_(0.001).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
