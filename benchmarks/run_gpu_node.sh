@@ -10,12 +10,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?DATA}; RES=${2:?RESULTS_DIR}; NPROC=${3:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 PY=${PYTHON:-python3}
+REFERENCE=()
 mkdir -p "$RES"
 run() { echo "+ $*"; "$@" || echo "!! failed: $*"; }
 if [ "$DATA" = imagenet-like ]; then
   DATA=/tmp/fastrsb_imagenet_like
   run $PY -c "from benchmarks.imagenet_like import make_imagenet_like as m; m('$DATA/src', 3000, with_val=500)"
   run $PY -m fastrsb convert "$DATA/src" "$DATA/out" --formats "$($PY -c 'import ffcv' 2>/dev/null && echo ffcv,dali || echo dali)" --no-progress
+  REFERENCE=(--reference "$DATA/src")  # torchvision ImageFolder on the originals, beside our backends
   DATA=$DATA/out
 fi
 BACKENDS=torch
@@ -32,8 +34,8 @@ done
 # device-side RandAugment vs timm's PIL per image
 run $PY -m benchmarks.bench_randaugment --device cuda --batch-size 256 --json "$RES/randaugment_cuda.json"
 # loader only, side by side (one process)
-run $PY -m fastrsb bench loader --data "$DATA" --backends "$BACKENDS" --batch-size 256 --res 224 --workers "$W" \
-    --device cuda --repeats 3 --json "$RES/loader.json" --plot "$RES/loader.png"
+run $PY -m fastrsb bench loader --data "$DATA" "${REFERENCE[@]}" --backends "$BACKENDS" --batch-size 256 --res 224 \
+    --workers "$W" --device cuda --repeats 3 --json "$RES/loader.json" --plot "$RES/loader.png"
 # end to end with the RSB A3 recipe (RandAugment + Mixup/CutMix on the GPU), each backend
 for b in ${BACKENDS//,/ } synthetic; do
   run $PY -m fastrsb bench e2e --config configs/rsb_a3.yaml --data "$DATA" --backend "$b" --device cuda --steps 20 \
