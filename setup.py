@@ -7,13 +7,14 @@ CORE = [
     "torchvision==0.29.1",
     "timm>=1.0",
     "numpy",
+    "numba",  # RandAugment's CPU kernels (fastrsb/augment/randaugment_cpu.py)
     "pillow",
     "pyyaml",
     "tqdm",
     "matplotlib",
     "scikit-learn",  # ships the embedded demo dataset (handwritten digits)
 ]
-FFCV = ["ffcv==1.0.2", "numba", "opencv-python"]
+FFCV = ["ffcv==1.0.2", "opencv-python"]
 DALI = ["nvidia-dali-cuda120"]
 TEST = ["pytest", "pytest-timeout", "scikit-image"]
 

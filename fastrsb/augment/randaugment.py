@@ -7,6 +7,11 @@ magnitudes and signs exactly as timm's RandAugment/AugmentOp do; samples are the
 so a batch costs a few vectorized torch calls per layer, not a Python loop over images.
 Each op reproduces the PIL operation timm calls (ImageOps/ImageEnhance/Image.transform) on uint8
 data, including PIL's integer rounding, so timm's PIL implementation is the test oracle.
+
+Two implementations share the decisions: the torch ops below (any device; what runs on cuda) and, on
+the CPU, the per-image numba kernels of randaugment_cpu.py (bit-exact with PIL, and several times
+faster there: the torch ops are memory-bound on a CPU). `impl` chooses; "auto" takes the kernels on
+the CPU and the torch ops elsewhere.
 """
 from __future__ import annotations
 
@@ -14,8 +19,12 @@ import math
 import re
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fastrsb.augment import randaugment_cpu as kernels
 
 LEVEL_DENOM = 10.0
 RAND_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -34,8 +43,9 @@ SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Trans
 
 
 def level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """timm's LEVEL_TO_ARG, vectorized: level (M,) float magnitudes, sign (M,) of +-1."""
-    lv = level / LEVEL_DENOM
+    """timm's LEVEL_TO_ARG, vectorized: level (M,) magnitudes, sign (M,) of +-1 -> float64 (M,), the
+    double-precision value timm computes (PIL casts enhance factors to float32 itself)."""
+    lv, sign = level.double() / LEVEL_DENOM, sign.double()
     if name == "Rotate":
         return lv * 30.0 * sign
     if name in ("ShearX", "ShearY"):
@@ -276,30 +286,103 @@ def translate(img: torch.Tensor, shift: torch.Tensor, dim: int, fill=IMAGENET_FI
     return out
 
 
-def _affine_coeffs(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def _rotate_matrix(degrees: float, w: int, h: int) -> list[float]:
+    """PIL Image.rotate(degrees) (counter-clockwise about (w/2, h/2), same size) as the inverse map it
+    hands to Image.transform, with PIL's own arithmetic: angle taken mod 360, sin/cos rounded to 15
+    digits, the centre shift folded into the offsets."""
+    angle = -math.radians(degrees % 360.0)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
+    cx, cy = w / 2.0, h / 2.0
+    return [a, b, a * -cx + b * -cy + 0.0 + cx, d, e, d * -cx + e * -cy + 0.0 + cy]
+
+
+def affine_coefficients(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The (M, 6) float64 inverse-map coefficients timm's geometric op `name` passes to PIL's
+    Image.transform(AFFINE) for args (M,): output pixel centre (xc, yc) samples the input at
+    (a0 xc + a1 yc + a2, a3 xc + a4 yc + a5)."""
+    arg = arg.double()
+    if name == "Rotate":
+        return torch.tensor([_rotate_matrix(a, w, h) for a in arg.tolist()], dtype=torch.float64).view(-1, 6)
     one, zero = torch.ones_like(arg), torch.zeros_like(arg)
     if name == "ShearX":
         return torch.stack([one, arg, zero, zero, one, zero], 1)
     if name == "ShearY":
         return torch.stack([one, zero, zero, arg, one, zero], 1)
-    if name == "Rotate":  # PIL Image.rotate(deg): counter-clockwise about (w/2, h/2), same size
-        ang = -torch.deg2rad(arg)
-        cos, sin = torch.cos(ang), torch.sin(ang)
-        cx, cy = w / 2.0, h / 2.0
-        c = cos * -cx + sin * -cy + cx
-        f = -sin * -cx + cos * -cy + cy
-        return torch.stack([cos, sin, c, -sin, cos, f], 1)
-    raise KeyError(name)
+    if name == "TranslateXRel":  # timm: pixels = pct * width
+        return torch.stack([one, zero, arg * w, zero, one, zero], 1)
+    if name == "TranslateYRel":
+        return torch.stack([one, zero, zero, zero, one, arg * h], 1)
+    raise KeyError(f"{name!r} is not a geometric RandAugment op")
 
 
-def apply_op_args(images: torch.Tensor, name: str, arg: torch.Tensor) -> torch.Tensor:
-    """Apply op `name` with per-sample PIL-level arguments `arg` (M,) to uint8 (M,H,W,3) NHWC images."""
+IMPLS = ("auto", "torch", "numba")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """'auto': the numba kernels on the CPU, the torch ops on any other device."""
+    if impl not in IMPLS:
+        raise ValueError(f"RandAugment impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "numba" if device.type == "cpu" else "torch"
+    if impl == "numba" and device.type != "cpu":
+        raise ValueError(f"RandAugment impl 'numba' runs on the CPU only, not on {device}")
+    return impl
+
+
+# the kernel op code of each timm op, by its name without Increasing/Original
+_KERNEL_CODE = {"AutoContrast": kernels.AUTOCONTRAST, "Equalize": kernels.EQUALIZE, "Invert": kernels.INVERT,
+                "Posterize": kernels.POSTERIZE, "Solarize": kernels.SOLARIZE, "SolarizeAdd": kernels.SOLARIZE_ADD,
+                "Color": kernels.COLOR, "Contrast": kernels.CONTRAST, "Brightness": kernels.BRIGHTNESS,
+                "Sharpness": kernels.SHARPNESS, **{g: kernels.AFFINE for g in GEOMETRIC}}
+
+
+def kernel_op(name: str, arg: torch.Tensor, h: int, w: int) -> tuple[int, torch.Tensor]:
+    """(kernel op code, (M, 6) float64 params) for op `name` with args (M,) on h x w images."""
     base = name.removesuffix("Increasing").removesuffix("Original")
-    if name in ("TranslateXRel", "TranslateYRel"):  # PIL: output x samples input x + pct * width
-        dim = 2 if name == "TranslateXRel" else 1
-        return translate(images, arg.double() * images.shape[dim], dim)
+    if base not in _KERNEL_CODE:
+        raise KeyError(f"unknown RandAugment op {name!r}")
+    if name in GEOMETRIC:
+        return kernels.AFFINE, affine_coefficients(name, arg, h, w)
+    params = torch.zeros(arg.shape[0], 6, dtype=torch.float64)
+    params[:, 0] = arg
+    return _KERNEL_CODE[base], params
+
+
+def run_kernels(images: torch.Tensor, codes: torch.Tensor, params: torch.Tensor,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a kernel program on uint8 (N,H,W,3) CPU images: ops codes[l, i] with params[l, i] (IDENTITY
+    = none) applied to image i layer after layer, images in parallel on torch's intra-op thread count.
+    `scratch`, like `images`, holds intermediate results (allocated here when not given)."""
+    out = torch.empty_like(images)
+    scratch = torch.empty_like(images) if scratch is None else scratch
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    previous = numba.set_parallel_chunksize(1)  # an image costs 3 to 300 us: hand them out one at a time
+    try:
+        kernels.run_program(images.numpy(), out.numpy(), scratch.numpy(), codes.numpy(), params.numpy(),
+                            np.asarray(IMAGENET_FILL, np.uint8))
+    finally:
+        numba.set_parallel_chunksize(previous)
+    return out
+
+
+def apply_op_args(images: torch.Tensor, name: str, arg: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Apply op `name` with per-sample PIL-level arguments `arg` (M,) to uint8 (M,H,W,3) NHWC images."""
+    h, w = images.shape[1:3]
+    if resolve_impl(impl, images.device) == "numba":
+        code, params = kernel_op(name, arg, h, w)
+        codes = torch.full((1, images.shape[0]), code, dtype=torch.int8)
+        return run_kernels(images, codes, params.unsqueeze(0))
+    base = name.removesuffix("Increasing").removesuffix("Original")
+    if name in ("TranslateXRel", "TranslateYRel"):  # a pure shift: translate() needs no sampling grid
+        along_x = name == "TranslateXRel"
+        shift = affine_coefficients(name, arg, h, w)[:, 2 if along_x else 5]
+        return translate(images, shift, 2 if along_x else 1)
     if name in ("Rotate", "ShearX", "ShearY"):
-        return affine(images, _affine_coeffs(name, arg.double(), images.shape[1], images.shape[2]))
+        return affine(images, affine_coefficients(name, arg, h, w))
     if name == "AutoContrast":
         return auto_contrast(images)
     if name == "Equalize":
@@ -328,12 +411,12 @@ def _restore_layout(nhwc: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out if like.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
-def apply_op(images: torch.Tensor, name: str, level: float) -> torch.Tensor:
+def apply_op(images: torch.Tensor, name: str, level: float, impl: str = "auto") -> torch.Tensor:
     """timm op `name` at magnitude `level` (0..10) in the positive direction, for every sample.
     images: uint8 (N,3,H,W) on any device; returns the same dtype/shape/memory format."""
-    lv = torch.full((images.shape[0],), float(level))
+    lv = torch.full((images.shape[0],), float(level), dtype=torch.float64)
     arg = level_to_arg(name, lv, torch.ones_like(lv))
-    return _restore_layout(apply_op_args(_nhwc(images), name, arg), images)
+    return _restore_layout(apply_op_args(_nhwc(images), name, arg, impl), images)
 
 
 @dataclass(frozen=True)
@@ -380,17 +463,19 @@ def parse_rand_augment(config: str) -> RandAugmentSpec:
 
 
 class RandAugment:
-    """Per-sample RandAugment decisions drawn on the CPU from a seeded generator, ops applied on
-    the batch's device grouped by op."""
+    """Per-sample RandAugment decisions drawn on the CPU from a seeded generator, then applied on the
+    batch's device: as a kernel program on the CPU (impl "numba"), or by the torch ops grouped by op
+    (impl "torch", any device). Both give each sample its own ops in order."""
 
-    def __init__(self, spec: RandAugmentSpec, seed: int = 0):
-        self.spec = spec
+    def __init__(self, spec: RandAugmentSpec, seed: int = 0, impl: str = "auto"):
+        resolve_impl(impl, torch.device("cpu"))  # validates the name
+        self.spec, self.impl = spec, impl
         self.gen = torch.Generator().manual_seed(seed)
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, config: str, seed: int = 0) -> "RandAugment":
-        return cls(parse_rand_augment(config), seed)
+    def from_config(cls, config: str, seed: int = 0, impl: str = "auto") -> "RandAugment":
+        return cls(parse_rand_augment(config), seed, impl)
 
     def draw(self, n: int) -> dict[str, torch.Tensor]:
         """The decisions timm's RandAugment makes for n images: per layer an op (uniform, with
@@ -418,6 +503,9 @@ class RandAugment:
         n, dev, num_ops = images.shape[0], images.device, len(self.spec.ops)
         d = self.draw(n)
         work = _nhwc(images)
+        if resolve_impl(self.impl, dev) == "numba":
+            codes, params = self._program(d, work.shape[1], work.shape[2])
+            return _restore_layout(run_kernels(work, codes, params, self._scratch(work, 0)), images)
         holds = torch.arange(n)  # work[j] holds sample holds[j]
         for layer in range(self.spec.num_layers):
             op = torch.where(d["apply"][layer], d["op"][layer], num_ops)  # num_ops: not applied
@@ -432,7 +520,7 @@ class RandAugment:
                     name, group = self.spec.ops[k], order[start:start + count]
                     sign = d["sign"][layer, group] if name in SIGNED else torch.ones(count)
                     arg = level_to_arg(name, d["magnitude"][layer, group], sign)
-                    work[start:start + count] = apply_op_args(work[start:start + count], name, arg)
+                    work[start:start + count] = apply_op_args(work[start:start + count], name, arg, "torch")
                 start += count
         position = torch.empty_like(holds)
         position[holds] = torch.arange(n)
@@ -440,9 +528,24 @@ class RandAugment:
         restored = torch.index_select(work, 0, position.to(dev), out=torch.empty_like(work))
         return _restore_layout(restored, images)
 
+    def _program(self, d: dict[str, torch.Tensor], h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draws as a kernel program: op codes (layers, n) int8 (IDENTITY where no op applies) and
+        their params (layers, n, 6) float64."""
+        layers, n = d["op"].shape
+        codes = torch.zeros(layers, n, dtype=torch.int8)
+        params = torch.zeros(layers, n, 6, dtype=torch.float64)
+        for k, name in enumerate(self.spec.ops):
+            chosen = d["apply"] & (d["op"] == k)
+            if not chosen.any():
+                continue
+            sign = d["sign"][chosen] if name in SIGNED else torch.ones(int(chosen.sum()))
+            codes[chosen], params[chosen] = kernel_op(name, level_to_arg(name, d["magnitude"][chosen], sign), h, w)
+        return codes, params
+
     def _scratch(self, like: torch.Tensor, which: int) -> torch.Tensor:
-        """Two work buffers kept across calls: a fresh batch-sized tensor per layer would be page-faulted
-        in on every call, which on a CPU costs as much as the ops themselves."""
+        """Work buffers kept across calls (two for the torch ops, one for the kernels): a fresh batch-sized
+        tensor per layer would be page-faulted in on every call, which on a CPU costs as much as the ops
+        themselves."""
         key = (which, tuple(like.shape), like.device)
         if key not in self._buffers:
             self._buffers = {k: v for k, v in self._buffers.items() if k[1:] == key[1:]}
