@@ -2,11 +2,14 @@
 
     python -m benchmarks.bench_randaugment --device cpu --json benchmarks/results/cpu-2core/randaugment.json
 
-Rows: fastrsb's batched ops on `--device` (torch's intra-op threads: all cores on a CPU), timm's PIL
-RandAugment in one process (what one DataLoader worker does), and timm in one process per core (what
-a DataLoader with that many workers could do at best). The default policy is RSB A1/A2's; with
-`rand-m9-mstd0.5-inc1` timm itself fails on Pillow >= 10 whenever the noisy magnitude reaches 10
-(PosterizeIncreasing asks for 0 bits, which Pillow refuses).
+Rows: fastrsb's RandAugment on `--device` with torch's intra-op thread count (all cores on a CPU) in
+each implementation that runs there (CPU: the numba kernels it uses by default, and the torch ops
+that run on cuda; cuda: the torch ops), timm's PIL RandAugment in one process (what one DataLoader
+worker does), and timm in one process per core (what a DataLoader with that many workers could do at
+best). Every round times each row once, back to back, so load on a shared machine hits all rows alike;
+the figures are medians over rounds. The default policy is RSB A1/A2's; with `rand-m9-mstd0.5-inc1`
+timm itself fails on Pillow >= 10 whenever the noisy magnitude reaches 10 (PosterizeIncreasing asks
+for 0 bits, which Pillow refuses).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from PIL import Image
 
 from benchmarks.imagenet_like import _photos
-from fastrsb.augment.randaugment import IMAGENET_FILL, RandAugment
+from fastrsb.augment.randaugment import IMAGENET_FILL, RandAugment, resolve_impl
 from fastrsb.bench.report import print_table, summarize, write_result
 
 
@@ -75,19 +78,22 @@ def main() -> None:
     pil = _images(args.batch_size, args.res)
     batch = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2).to(dev)
     batch = batch.contiguous(memory_format=torch.channels_last)
-    ours = RandAugment.from_config(args.config, seed=0)
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def time_ours() -> float:
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.batches):
-            ours(batch)
-        sync()
-        return args.batches * args.batch_size / (time.perf_counter() - t0)
+    def timer(impl: str):
+        ours = RandAugment.from_config(args.config, seed=0, impl=impl)
+
+        def time_ours() -> float:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.batches):
+                ours(batch)
+            sync()
+            return args.batches * args.batch_size / (time.perf_counter() - t0)
+        return time_ours
 
     procs = os.cpu_count() or 1
     timm_args = (args.config, args.res, args.batch_size, args.batches)
@@ -95,27 +101,41 @@ def main() -> None:
     def time_timm_one() -> float:
         return _timm_rate(*timm_args, seed=random.randrange(1 << 30))
 
-    def time_timm_all() -> float:  # one process per core, run concurrently: the sum of their rates
-        with mp.get_context("fork").Pool(procs) as pool:
-            return sum(pool.map(_timm_worker, [timm_args + (random.randrange(1 << 30),) for _ in range(procs)]))
+    # one process per core, run concurrently: the sum of their rates. The pool is started once (spawned,
+    # not forked: a fork per round would leave this process's buffers copy-on-write, and the page faults
+    # of its next writes would land in the next row's timing)
+    pool = mp.get_context("spawn").Pool(procs)
+
+    def time_timm_all() -> float:
+        return sum(pool.map(_timm_worker, [timm_args + (random.randrange(1 << 30),) for _ in range(procs)]))
 
     random.seed(0)
+    impls = ["numba", "torch"] if resolve_impl("auto", dev) == "numba" else ["torch"]
+    threads = torch.get_num_threads()
+    candidates = [(f"fastrsb {impl} ({dev.type}, {threads} threads)", timer(impl)) for impl in impls]
+    candidates += [("timm PIL per image (1 process)", time_timm_one),
+                   (f"timm PIL per image ({procs} processes)", time_timm_all)]
+    with pool:
+        for _, fn in candidates:
+            fn()  # warm-up (the numba kernels compile or load from numba's cache here)
+        rates: list[list[float]] = [[] for _ in candidates]
+        for _ in range(args.repeats):
+            for measured, (_, fn) in zip(rates, candidates):
+                measured.append(fn())
     rows = []
-    for name, fn in ((f"fastrsb batched ({dev.type}, {torch.get_num_threads()} threads)", time_ours),
-                     ("timm PIL per image (1 process)", time_timm_one),
-                     (f"timm PIL per image ({procs} processes)", time_timm_all)):
-        fn()  # warm-up
-        s = summarize([fn() for _ in range(args.repeats)])
+    for (name, _), measured in zip(candidates, rates):
+        s = summarize(measured)
         rows.append({"implementation": name, "images_per_sec": s["median"], "min": s["min"], "max": s["max"],
-                     "repeats": s["repeats"]})
+                     "repeats": s["repeats"], "per_round": measured})
+    timm_one, timm_all = rows[-2]["images_per_sec"], rows[-1]["images_per_sec"]
     for row in rows:
-        row["vs_timm_1_process"] = row["images_per_sec"] / rows[1]["images_per_sec"]
-        row[f"vs_timm_{procs}_processes"] = row["images_per_sec"] / rows[2]["images_per_sec"]
+        row["vs_timm_1_process"] = row["images_per_sec"] / timm_one
+        row[f"vs_timm_{procs}_processes"] = row["images_per_sec"] / timm_all
     print_table(rows, ["implementation", "images_per_sec", "min", "max", "vs_timm_1_process", f"vs_timm_{procs}_processes"])
     if args.json:
         write_result(args.json, "randaugment", rows, {"settings": {
             "config": args.config, "batch_size": args.batch_size, "res": args.res, "batches_per_repeat": args.batches,
-            "torch_threads": torch.get_num_threads(), "timm_processes": procs}})
+            "torch_threads": threads, "timm_processes": procs}})
 
 
 if __name__ == "__main__":

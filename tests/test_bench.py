@@ -97,7 +97,8 @@ def test_data_stall_meter(tmp_path):
 
 
 def test_bench_randaugment_script(tmp_path):
-    """benchmarks/bench_randaugment.py on a tiny batch: our row and both timm rows, ratios consistent."""
+    """benchmarks/bench_randaugment.py on a tiny batch: both of our rows (the CPU's numba kernels and the
+    torch ops) and both timm rows, one measurement per round each, ratios consistent."""
     out = tmp_path / "ra.json"
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-m", "benchmarks.bench_randaugment", "--batch-size", "8", "--res", "48",
@@ -106,7 +107,10 @@ def test_bench_randaugment_script(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     rows = doc["results"]
-    assert [row["implementation"].split(" (")[0] for row in rows] == ["fastrsb batched", "timm PIL per image", "timm PIL per image"]
+    assert [row["implementation"].split(" (")[0] for row in rows] == [
+        "fastrsb numba", "fastrsb torch", "timm PIL per image", "timm PIL per image"]
     for row in rows:
         assert row["images_per_sec"] > 0 and row["min"] <= row["images_per_sec"] <= row["max"]
-    assert rows[1]["vs_timm_1_process"] == 1.0 and doc["settings"]["config"] == "rand-m7-mstd0.5-inc1"
+        assert len(row["per_round"]) == 2
+        assert row["vs_timm_1_process"] == row["images_per_sec"] / rows[2]["images_per_sec"]
+    assert rows[2]["vs_timm_1_process"] == 1.0 and doc["settings"]["config"] == "rand-m7-mstd0.5-inc1"
