@@ -105,14 +105,14 @@ def test_tiny_images_match_timm(size, impl):
             assert np.abs(np.asarray(ref).astype(int) - ours).max() <= (0 if impl == "numba" else 1), (name, level)
 
 
-def test_numba_matches_timm_in_both_directions_at_any_magnitude():
+def test_numba_parity_in_both_directions_at_any_magnitude():
     """timm's own level -> argument mapping (its random negation included) at noisy magnitudes: our
-    level_to_arg gives the same double, and the kernels the same pixels, on an image whose sides are odd
-    and unequal."""
-    img = photographs()[2].resize((97, 61))
+    level_to_arg gives the same double, and the kernels the same pixels, on a photograph whose sides are
+    odd and unequal (and on any in $FASTRSB_PARITY_IMAGES)."""
     hp = {"translate_const": 100, "img_mean": IMAGENET_FILL}
     rng = np.random.default_rng(0)
-    for name in OPS:
+    images = [photographs()[2].resize((97, 61))] + photographs()[3:]
+    for name, img in ((name, img) for name in OPS for img in images):
         for level in rng.uniform(0, 10, 8):
             random.seed(int(rng.integers(1 << 30)))
             args = aa.LEVEL_TO_ARG[name](level, hp) if aa.LEVEL_TO_ARG[name] else ()
