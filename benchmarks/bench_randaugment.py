@@ -7,7 +7,7 @@ each implementation that runs there (CPU: the numba kernels it uses by default, 
 that run on cuda; cuda: the torch ops), timm's PIL RandAugment in one process (what one DataLoader
 worker does), and timm in one process per core (what a DataLoader with that many workers could do at
 best). Every round times each row once, back to back, so load on a shared machine hits all rows alike;
-the figures are medians over rounds. The default policy is RSB A1/A2's; with `rand-m9-mstd0.5-inc1`
+rates are medians over rounds, ratios medians of each round's ratio. The default policy is RSB A1/A2's; with `rand-m9-mstd0.5-inc1`
 timm itself fails on Pillow >= 10 whenever the noisy magnitude reaches 10 (PosterizeIncreasing asks
 for 0 bits, which Pillow refuses).
 """
@@ -25,7 +25,7 @@ from PIL import Image
 
 from benchmarks.imagenet_like import _photos
 from fastrsb.augment.randaugment import IMAGENET_FILL, RandAugment, resolve_impl
-from fastrsb.bench.report import print_table, summarize, write_result
+from fastrsb.bench.report import paired_ratio, print_table, summarize, write_result
 
 
 def _images(n: int, res: int) -> list[Image.Image]:
@@ -127,10 +127,10 @@ def main() -> None:
         s = summarize(measured)
         rows.append({"implementation": name, "images_per_sec": s["median"], "min": s["min"], "max": s["max"],
                      "repeats": s["repeats"], "per_round": measured})
-    timm_one, timm_all = rows[-2]["images_per_sec"], rows[-1]["images_per_sec"]
-    for row in rows:
-        row["vs_timm_1_process"] = row["images_per_sec"] / timm_one
-        row[f"vs_timm_{procs}_processes"] = row["images_per_sec"] / timm_all
+    timm_one, timm_all = rates[-2], rates[-1]
+    for row, measured in zip(rows, rates):
+        row["vs_timm_1_process"] = paired_ratio(measured, timm_one)
+        row[f"vs_timm_{procs}_processes"] = paired_ratio(measured, timm_all)
     print_table(rows, ["implementation", "images_per_sec", "min", "max", "vs_timm_1_process", f"vs_timm_{procs}_processes"])
     if args.json:
         write_result(args.json, "randaugment", rows, {"settings": {

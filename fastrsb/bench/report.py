@@ -56,6 +56,12 @@ def summarize(values: Sequence[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "repeats": len(values)}
 
 
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of a[i] / b[i], for measurements of two candidates timed back to back in each
+    round: load from other work on a shared machine drifts slowly, so it cancels within a pair."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def repeat(fn: Callable[[], float], repeats: int = 3, warmup: int = 1) -> list[float]:
     """Call fn (which returns a measurement) warmup + repeats times; keep the measured ones."""
     for _ in range(warmup):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastrsb.bench.report import summarize
+from fastrsb.bench.report import paired_ratio, summarize
 from fastrsb.config import load_config
 from fastrsb.dist import DistInfo, init_distributed
 
@@ -166,19 +166,14 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
                      "min": limit["min"], "max": limit["max"], "repeats": limit["repeats"]})
         for r in rows:
             r["fraction_of_decode_limit"] = r["images_per_sec"] / limit["median"]
-    # ratios pair the blocks of one round (timed back to back), then take the median over rounds:
-    # load from other work on a shared machine drifts slowly, so it cancels in a pair
-    def paired(a: str, b: str) -> float:
-        return float(np.median([x / y for x, y in zip(timed[a], timed[b])]))
-
     for r in rows:
         name = r["backend"]
         if name in timed and "torch" in timed:
-            r["vs_torch"] = paired(name, "torch")
+            r["vs_torch"] = paired_ratio(timed[name], timed["torch"])
         if name in timed and f"bare {name}" in timed:
-            r["vs_bare_library"] = paired(name, f"bare {name}")
+            r["vs_bare_library"] = paired_ratio(timed[name], timed[f"bare {name}"])
         if name in timed and IMAGEFOLDER in timed:
-            r["vs_imagefolder"] = paired(name, IMAGEFOLDER)
+            r["vs_imagefolder"] = paired_ratio(timed[name], timed[IMAGEFOLDER])
     return rows
 
 
