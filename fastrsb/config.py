@@ -46,6 +46,7 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     randaugment: str = ""  # timm config string, e.g. rand-m7-mstd0.5-inc1; "" = off
+    randaugment_impl: str = "auto"  # auto (numba kernels on cpu, torch ops on cuda) | torch | numba (cpu only)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
