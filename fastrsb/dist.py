@@ -25,24 +25,35 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:local_rank when a GPU is present, else cpu. 'cuda' gets the local rank."""
+class DeviceError(RuntimeError):
+    """The device a run asks for is not there (or is not a device fastrsb runs on)."""
+
+
+def resolve_device(device: str, local_rank: int = 0, setting: str = "train.device") -> torch.device:
+    """'auto' -> cuda:local_rank when a GPU is present, else cpu. 'cuda' gets the local rank.
+    `setting` names the option the value came from, for the error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but torch sees no GPU; use device=cpu")
+            raise DeviceError(f"{setting}=cuda, but torch sees no GPU here (torch {torch.__version__}, "
+                              f"CUDA build {torch.version.cuda or 'none'}); use {setting}=cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"{setting}=cuda: local rank {local_rank} needs GPU {local_rank}, "
+                              f"this machine has {torch.cuda.device_count()}")
         return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise DeviceError(f"{setting}: expected auto, cpu or cuda, got {device!r}")
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", setting: str = "train.device") -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) and initialise the process group once."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, setting)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not tdist.is_initialized():

@@ -13,7 +13,9 @@ import signal
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -78,27 +80,46 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class _Meter:
-    """Train figures of the current log window (the loss stays on the device until a sync) and of the epoch."""
+@dataclass(frozen=True)
+class WindowStats:
+    """A closed log window, as every rank agrees on it (one all-reduce)."""
+
+    steps: int
+    loss: float  # mean over the window's steps and all ranks
+    nonfinite: bool  # a NaN/inf loss on some rank
+    stop: bool  # a SIGTERM/SIGINT arrived on some rank
+    checkpoint_due: bool  # rank 0's checkpoint clock
+    images_per_sec: float  # all ranks
+    data_stall: float  # time waiting for the next batch / wall time
+
+
+class LogWindow:
+    """The steps since the last log interval. The loss is summed on the device; the host reads it only
+    when the window closes."""
 
     def __init__(self, device: torch.device):
         self.loss = torch.zeros((), device=device)
-        self.bad = torch.zeros((), device=device)
-        self.epoch_seen, self.epoch_wait, self.epoch_start = 0, 0.0, time.perf_counter()
-        self.seen, self.steps, self.wait, self.start = 0, 0, 0.0, self.epoch_start
+        self.nonfinite = torch.zeros((), device=device)
+        self.steps, self.images, self.wait, self.start = 0, 0, 0.0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, n: int) -> None:
+    def add(self, loss: torch.Tensor, images: int, wait: float) -> None:
         self.loss += loss
-        self.bad += ~torch.isfinite(loss)
-        self.seen += n
+        self.nonfinite += ~torch.isfinite(loss)
         self.steps += 1
+        self.images += images
+        self.wait += wait
 
-    def close_window(self) -> None:
-        self.epoch_seen += self.seen
-        self.epoch_wait += self.wait
-        self.loss.zero_()
-        self.bad.zero_()
-        self.seen, self.steps, self.wait, self.start = 0, 0, 0.0, time.perf_counter()
+
+@dataclass
+class EpochTotals:
+    """The epoch so far: loss summed over steps and ranks (checkpointed, so a resumed epoch reports the
+    mean an uninterrupted one would), and this process's images, data wait and wall clock."""
+
+    loss: float = 0.0
+    steps: int = 0
+    images: int = 0
+    wait: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
 
 
 class Trainer:
@@ -150,9 +171,8 @@ class Trainer:
         if cfg.model.compile:
             self.net = torch.compile(self.net)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
-        # loss summed over this epoch's steps and ranks so far, and their count: checkpointed, so a
-        # resumed epoch reports the same mean as an uninterrupted one
-        self.epoch_loss: list = [0.0, 0]
+        self.totals = EpochTotals()
+        self.lr = self.peak_lr  # of the latest step
         self.best_top1: dict[str, float] = {}  # checkpoint name -> val top-1 (for pruning/averaging)
         self._stop_signal: int | None = None
         self._last_ckpt_time = time.time()
@@ -178,7 +198,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-            "epoch_loss": list(self.epoch_loss),
+            "epoch_loss": [self.totals.loss, self.totals.steps],
             "rng": all_rng,
             "augment": self.train_aug.state_dict(),
             "best_top1": self.best_top1,
@@ -195,7 +215,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.epoch_loss = list(state.get("epoch_loss", [0.0, 0]))
+        self.totals = EpochTotals(*state.get("epoch_loss", [0.0, 0]))
         self.best_top1 = dict(state.get("best_top1", {}))
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
@@ -251,11 +271,11 @@ class Trainer:
                     self._tb.add_scalar(k, v, self.step)
 
     # ---------------------------------------------------------------- loops
-    def _set_lr(self) -> float:
-        lr = lr_at(self.step, self.steps_per_epoch, self.cfg.train.epochs, self.peak_lr, self.cfg.schedule)
+    def _set_lr(self) -> None:
+        """The lr of the coming step (a host float: setting it costs the device nothing)."""
+        self.lr = lr_at(self.step, self.steps_per_epoch, self.cfg.train.epochs, self.peak_lr, self.cfg.schedule)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
+            g["lr"] = self.lr
 
     def _should_stop(self) -> bool:
         """Whether a SIGTERM/SIGINT arrived on any rank (a collective under DDP: call on every rank)."""
@@ -266,111 +286,135 @@ class Trainer:
             flag = bool(t.item() > 0)
         return flag
 
-    def _sync(self, loss_sum: torch.Tensor, nonfinite: torch.Tensor) -> tuple[float, bool, bool, bool]:
-        """The host sync of a log interval. Under DDP one all_reduce makes every rank agree on the
-        loss (summed over ranks), a non-finite loss anywhere, a stop signal anywhere and rank 0's
-        checkpoint clock, so all ranks raise, checkpoint or stop after the same step.
-        Returns (loss sum, non-finite, stop, checkpoint due)."""
+    def _close(self, window: LogWindow) -> WindowStats:
+        """The host sync of a log interval. One all-reduce makes every rank agree on the loss (summed
+        over ranks), a non-finite loss anywhere, a stop signal anywhere and rank 0's checkpoint clock,
+        so all ranks raise, checkpoint or stop after the same step. A non-finite loss stops the run
+        (fp16: the scaler skipped those steps instead). The window's loss joins the epoch's."""
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        elapsed = time.perf_counter() - window.start
         due = self.dist.is_main and time.time() - self._last_ckpt_time >= 60 * self.cfg.train.checkpoint_every_minutes
-        host = torch.tensor([float(self._stop_signal is not None), float(due)], dtype=torch.float64)
-        v = torch.cat([torch.stack([loss_sum.double(), nonfinite.double()]), host.to(self.dist.device)])
+        flags = torch.tensor([float(self._stop_signal is not None), float(due)], dtype=torch.float64)
+        v = torch.cat([torch.stack([window.loss.double(), window.nonfinite.double()]), flags.to(self.dist.device)])
         if self.dist.distributed:
             tdist.all_reduce(v)
         loss, bad, stop, due = v.tolist()
-        return loss, bad > 0, stop > 0, due > 0
-
-    def _flush(self, m: _Meter, lr: float, res: int) -> tuple[dict, bool, bool]:
-        """Close a window of steps: sync, stop on a non-finite loss (fp16: the scaler skipped those
-        steps), fold the loss into the epoch's (checkpointed) total. Returns the window's metrics
-        line, whether to stop and whether a timed checkpoint is due."""
-        if self.dist.device.type == "cuda":
-            torch.cuda.synchronize(self.dist.device)
-        elapsed = time.perf_counter() - m.start
-        loss, bad, stop, due = self._sync(m.loss, m.bad)
         if bad and self.amp is not torch.float16:
             raise NonFiniteLoss(f"loss is not finite at step {self.step} (epoch {self.epoch}); "
                                 "stopping without overwriting the last good checkpoint")
         world = self.dist.world_size
-        self.epoch_loss[0] += loss
-        self.epoch_loss[1] += m.steps * world
-        rec = {"kind": "interval", "loss": loss / (m.steps * world), "lr": lr, "res": res,
-               "images_per_sec": m.seen * world / elapsed, "data_stall": m.wait / elapsed,
-               "peak_memory_mb": peak_memory_mb(self.dist.device)}
-        m.close_window()
-        return rec, stop, due
+        self.totals.loss += loss
+        self.totals.steps += window.steps * world
+        self.totals.images += window.images
+        self.totals.wait += window.wait
+        return WindowStats(window.steps, loss / (window.steps * world), bad > 0, stop > 0, due > 0,
+                           window.images * world / elapsed, window.wait / elapsed)
 
     def _epoch_checkpoint(self, epochs_done: int) -> bool:
         t = self.cfg.train
         return epochs_done == t.epochs or epochs_done % t.checkpoint_every_epochs == 0
 
-    def train_epoch(self, bar: tqdm | None = None, max_steps: int | None = None) -> dict | None:
-        """One (possibly resumed) epoch, or its first max_steps steps (benchmarks). Returns the
-        epoch's train figures, or None when a stop signal ended it (after a checkpoint)."""
-        t, dev, world = self.cfg.train, self.dist.device, self.dist.world_size
+    def _train_step(self, batch) -> torch.Tensor:
+        """One optimizer step on a batch; returns the loss, left on the device. Nothing in here waits
+        for the device: the batch stage sends its decisions in one non-blocking copy, the loss is
+        accumulated on the device, and the lr is a host float. fp16's GradScaler is the exception: its
+        step() reads the inf check back (bf16, the default on cuda, needs no scaler)."""
+        x, y = self.train_aug(batch.images, batch.targets)
+        with autocast(self.amp, self.dist.device):
+            logits = self.net(x)
+            loss = self.criterion(x, logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return loss.detach()
+
+    def _begin_epoch(self) -> int:
+        """Set up the current epoch (or its resumed rest); returns its train resolution."""
         res = resolution_at(self.epoch, self.cfg.progressive, self.cfg.data.train_res)
         self.train_loader.set_resolution(res)
         self.net.train()
+        self._set_lr()
         if self.batch_in_epoch == 0:
-            self.epoch_loss = [0.0, 0]
+            self.totals = EpochTotals()
+        else:  # resumed: the checkpointed loss stays, this process's clock starts now
+            self.totals = EpochTotals(self.totals.loss, self.totals.steps)
+        return res
+
+    def _windows(self, max_steps: int | None = None) -> Iterator[WindowStats]:
+        """Train through the rest of the current epoch (or `max_steps` steps of it), yielding each log
+        window as it closes: every train.log_interval steps, at once when a stop signal reaches a single
+        process (under DDP ranks agree at the next interval), and the partial window at the end."""
         # an interval checkpoint taken after the epoch's last step leaves nothing to load
-        if self.batch_in_epoch < self.steps_per_epoch:
-            self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
-            it = iter(self.train_loader)
-        else:
-            it = iter(())
-        m = _Meter(dev)
-        lr = self._set_lr()
-        steps_done = 0
-        while max_steps is None or steps_done < max_steps:
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            return
+        self.train_loader.set_epoch(self.epoch, self.batch_in_epoch)
+        batches = iter(self.train_loader)
+        window = LogWindow(self.dist.device)
+        for _ in range(self.steps_per_epoch - self.batch_in_epoch if max_steps is None else max_steps):
             t0 = time.perf_counter()
-            batch = next(it, None)
-            m.wait += time.perf_counter() - t0
+            batch = next(batches, None)
+            wait = time.perf_counter() - t0
             if batch is None:
                 break
-            lr = self._set_lr()
-            x, y = self.train_aug(batch.images, batch.targets)
-            with autocast(self.amp, dev):
-                logits = self.net(x)
-                loss = self.criterion(x, logits, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.cfg.optim.clip_grad > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.step)
-            m.add(loss.detach(), x.shape[0])
-            steps_done += 1
+            self._set_lr()
+            window.add(self._train_step(batch), batch.images.shape[0], wait)
             self.step += 1
             self.batch_in_epoch += 1
-            if self.step % t.log_interval == 0:
-                rec, stop, due = self._flush(m, lr, res)
-                self.log(rec)
+            if self.step % self.cfg.train.log_interval == 0 or (self._stop_signal and not self.dist.distributed):
+                yield self._close(window)
+                window = LogWindow(self.dist.device)  # a checkpoint after the yield is not train time
+        if window.steps:
+            yield self._close(window)
+
+    def train_epoch(self, bar: tqdm | None = None, max_steps: int | None = None) -> dict | None:
+        """One (possibly resumed) epoch, or its first max_steps steps. Returns the epoch's train
+        figures, or None when a stop signal ended it (after a checkpoint)."""
+        res = self._begin_epoch()
+        for w in self._windows(max_steps):
+            at_interval = self.step % self.cfg.train.log_interval == 0
+            if at_interval:
+                record = {"kind": "interval", "loss": w.loss, "lr": self.lr, "res": res,
+                          "images_per_sec": w.images_per_sec, "data_stall": w.data_stall,
+                          "peak_memory_mb": peak_memory_mb(self.dist.device)}
+                self.log(record)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rec['images_per_sec']:.0f}",
-                                    wait=f"{100 * rec['data_stall']:.0f}%", refresh=False)
-                    bar.update(self.step - bar.n)
-                if stop:
-                    self.save_checkpoint()
-                    return None
-                # skipped when the epoch's own checkpoint follows at once
-                if due and not (self.batch_in_epoch == self.steps_per_epoch and self._epoch_checkpoint(self.epoch + 1)):
-                    self.save_checkpoint()
-                    m.start = time.perf_counter()  # checkpoint time is not train time
-            elif not self.dist.distributed and self._stop_signal is not None:  # one process: stop at once
-                self._flush(m, lr, res)
+                    bar.set_postfix(loss=f"{w.loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{w.images_per_sec:.0f}",
+                                    wait=f"{100 * w.data_stall:.0f}%", refresh=False)
+            if bar is not None:
+                bar.update(self.step - bar.n)
+            if w.stop and (at_interval or not self.dist.distributed):  # at an epoch's end fit() decides
                 self.save_checkpoint()
                 return None
-        if m.steps:  # the epoch's last, partial window (a stop signal is handled by fit at the epoch's end)
-            self._flush(m, lr, res)
-        if bar is not None:
-            bar.update(self.step - bar.n)
-        elapsed = time.perf_counter() - m.epoch_start
-        return {"loss": self.epoch_loss[0] / max(self.epoch_loss[1], 1), "lr": lr, "res": res,
-                "images_per_sec": m.epoch_seen * world / elapsed, "data_stall": m.epoch_wait / elapsed,
-                "peak_memory_mb": peak_memory_mb(dev), "epoch_time_s": elapsed}
+            epoch_end_checkpoint = self.batch_in_epoch == self.steps_per_epoch and self._epoch_checkpoint(self.epoch + 1)
+            if w.checkpoint_due and at_interval and not epoch_end_checkpoint:
+                self.save_checkpoint()
+        elapsed = time.perf_counter() - self.totals.start
+        world = self.dist.world_size
+        return {"loss": self.totals.loss / max(self.totals.steps, 1), "lr": self.lr, "res": res,
+                "images_per_sec": self.totals.images * world / elapsed, "data_stall": self.totals.wait / elapsed,
+                "peak_memory_mb": peak_memory_mb(self.dist.device), "epoch_time_s": elapsed}
+
+    def run_steps(self, steps: int) -> list[WindowStats]:
+        """Train `steps` steps from where the run stands, without evaluating or checkpointing (what the
+        benchmarks time): log windows of train.log_interval steps out of one running loader iterator, so
+        its pipeline stays full from one window to the next, crossing into the next epoch if needed.
+        Returns the closed windows (a partial one at each epoch's end)."""
+        out: list[WindowStats] = []
+        while steps > 0:
+            self._begin_epoch()
+            before = self.step
+            out.extend(self._windows(steps))
+            steps -= self.step - before
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        return out
 
     def evaluate(self, model: torch.nn.Module | None = None) -> dict:
         return evaluate(model or self.model, self.val_loader, self.eval_aug, self.amp, self.dist,
@@ -432,7 +476,8 @@ def evaluate(model, loader, augment, amp: torch.dtype | None, dist: DistInfo, fl
     """Top-1/top-5 over the whole val split: each sample once across ranks, counts all-reduced."""
     model.eval()
     dev = dist.device
-    counts = torch.zeros(3, device=dev, dtype=torch.float64)  # correct@1, correct@5, total
+    hits = torch.zeros(2, device=dev, dtype=torch.float64)  # correct@1, correct@5 (read once, at the end)
+    seen = 0
     loader.set_epoch(0)
     for batch in loader:
         x, y = augment(batch.images, batch.targets)
@@ -442,7 +487,9 @@ def evaluate(model, loader, augment, amp: torch.dtype | None, dist: DistInfo, fl
                 logits = logits + model(x.flip(3)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top.eq(y.view(-1, 1))
-        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(y.numel(), device=dev)]).double()
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).double()
+        seen += y.shape[0]
+    counts = torch.cat([hits, hits.new_full((1,), float(seen))])
     if dist.distributed:
         tdist.all_reduce(counts)
     c1, c5, n = counts.tolist()

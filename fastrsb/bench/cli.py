@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _out(args, kind: str, rows: list[dict], columns: list[str], label_key: str, title: str, extra: dict) -> None:
     from fastrsb.bench.report import plot_bars, print_table, write_result
     from fastrsb.dist import init_distributed
 
-    if not init_distributed(getattr(args, "device", "auto")).is_main:
+    if not init_distributed(getattr(args, "device", "auto"), "--device").is_main:
         return
     print_table(rows, columns)
     if args.json:
@@ -61,6 +62,22 @@ def _scaling(args) -> int:
     return 0
 
 
+def _reporting_errors(handler):
+    """A benchmark's user errors (no GPU for --device cuda, a bad config key, missing data) as one line
+    naming the setting, exit 2, before any measurement."""
+    def run(args) -> int:
+        from fastrsb.data import LoaderError
+        from fastrsb.dist import DeviceError
+
+        try:
+            return handler(args)
+        except (DeviceError, LoaderError, ValueError) as e:
+            print(f"fastrsb bench {args.bench_command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="measured repeats after one warm-up (default 3)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -84,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default=None, metavar="SRC",
                    help="also time torchvision's ImageFolder on SRC, the original tree DATA was converted from")
     _common(p)
-    p.set_defaults(func=_loader)
+    p.set_defaults(func=_reporting_errors(_loader))
 
     m = bsub.add_parser("model", help="train-step images/sec on synthetic device data (the ceiling)")
     m.add_argument("--model", default="resnet50")
@@ -95,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--compile", action="store_true")
     m.add_argument("--steps", type=int, default=20, help="measured steps per repeat")
     _common(m)
-    m.set_defaults(func=_model)
+    m.set_defaults(func=_reporting_errors(_model))
 
     for name, fn, helptext in (("e2e", _e2e, "real loader + augment + train step: images/sec and data stall"),
                                ("scaling", _scaling, "e2e at several process counts (torchrun), scaling efficiency")):
@@ -107,4 +124,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "scaling":
             e.add_argument("--nprocs", default="1,2")
         _common(e)
-        e.set_defaults(func=fn, accepts_overrides=True)
+        e.set_defaults(func=_reporting_errors(fn), accepts_overrides=True)

@@ -134,7 +134,7 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
     from fastrsb.bench.decode import decode_throughput
     from fastrsb.data import create_loader
 
-    dist = init_distributed(device)
+    dist = init_distributed(device, "--device")
     dev = dist.device
     workers = workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
 
@@ -189,32 +189,22 @@ def _trainer(cfg_path: str | None, overrides: list[str], dist: DistInfo, run_dir
 
 
 def _measure_steps(trainer, steps: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Run `steps` train steps per repeat (one warm-up repeat first); images/sec and data stall
-    from the trainer's own meters (its metrics lines), one value per repeat."""
-    metrics = trainer.run_dir / "metrics.jsonl"
-    ips, stall = [], []
-    for i in range(repeats + 1):
-        before = metrics.read_text().count("\n") if metrics.exists() else 0
-        trainer.train_loader.set_epoch(trainer.epoch)
-        trainer.batch_in_epoch = 0
-        trainer.train_epoch(None, max_steps=steps)
-        trainer.epoch += 1
-        lines = [json.loads(x) for x in metrics.read_text().splitlines()[before:]] if metrics.exists() else []
-        lines = [r for r in lines if "images_per_sec" in r]
-        if i and lines:
-            ips.append(float(np.mean([r["images_per_sec"] for r in lines])))
-            stall.append(float(np.mean([r["data_stall"] for r in lines])))
-    return ips, stall
+    """One warm-up window, then `repeats` measured windows of `steps` train steps each, back to back out
+    of one running loader (its pipeline stays full: refilling it is not billed as data stall); images/sec
+    and data stall from the trainer's own log windows, one value per window."""
+    trainer.cfg.train.log_interval = steps
+    windows = [w for w in trainer.run_steps(steps * (repeats + 1)) if w.steps == steps][1:]
+    return [w.images_per_sec for w in windows], [w.data_stall for w in windows]
 
 
 def bench_model(model: str, res: int, batch_size: int, channels_last: bool, amp: str, compile_: bool,
                 steps: int, repeats: int, device: str = "auto") -> dict:
     """Train-step images/sec on synthetic device batches: the ceiling any data path can reach."""
-    dist = init_distributed(device)
+    dist = init_distributed(device, "--device")
     overrides = [f"model.name={model}", f"model.channels_last={str(channels_last).lower()}",
                  f"model.compile={str(compile_).lower()}", f"train.amp={amp}", f"train.device={device}",
                  "data.backend=synthetic", f"data.batch_size={batch_size}", f"data.train_res={res}",
-                 f"data.val_res={res}", f"data.synthetic_num_samples={batch_size * steps * dist.world_size}",
+                 f"data.val_res={res}", f"data.synthetic_num_samples={batch_size * steps * (repeats + 1) * dist.world_size}",
                  f"train.log_interval={steps}", "optim.name=sgd", "optim.lr=0.01", "schedule.warmup_epochs=0"]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _trainer(None, overrides, dist, Path(tmp))
@@ -235,13 +225,15 @@ def bench_model(model: str, res: int, batch_size: int, channels_last: bool, amp:
 def bench_e2e(config: str, data: str, backend: str, steps: int, repeats: int, overrides: list[str],
               device: str = "auto") -> dict:
     """The real loader + augment + train step: images/sec (global) and data stall."""
-    dist = init_distributed(device)
-    ovr = [f"data.path={data}", f"data.backend={backend}", f"train.device={device}", f"train.log_interval={steps}",
-           *overrides]
+    dist = init_distributed(device, "--device")
+    ovr = [f"data.path={data}", f"data.backend={backend}", f"train.device={device}", *overrides]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _trainer(config, ovr, dist, Path(tmp))
-        steps = min(steps, trainer.steps_per_epoch)
-        trainer.cfg.train.log_interval = steps
+        # every window inside one epoch: steady state, no epoch-boundary refill in a measurement
+        steps = min(steps, trainer.steps_per_epoch // (repeats + 1))
+        if steps == 0:
+            raise ValueError(f"an epoch has {trainer.steps_per_epoch} steps: too few for --repeats {repeats} "
+                             "windows after a warm-up one (lower --repeats or data.batch_size)")
         ips, stall = _measure_steps(trainer, steps, repeats)
     if not dist.is_main:  # rank 0 logs the global figures
         return {}

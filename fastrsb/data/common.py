@@ -65,11 +65,16 @@ class SplitLoader:
 
 
 def to_device(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, prefetch: int) -> Iterator[Batch]:
-    """(NHWC uint8, labels) host batches -> contract Batches on the device, `prefetch` ahead.
+    """(NHWC uint8, labels) batches -> contract Batches on the device, `prefetch` ahead.
 
-    On cuda the host tensors are pinned and copied non-blocking on a side stream, and the
-    consumer's stream waits on an event, so copies overlap compute. On cpu the same code
-    only views NHWC as NCHW: nothing to copy."""
+    Host batches on cuda: pinned (the torch backend's DataLoader pins them in its pin-memory thread;
+    anything else is pinned here), copied non-blocking on a side stream, and the consumer's stream waits
+    on an event recorded after the copy, so copies overlap compute and the consumer never reads a
+    half-copied batch; record_stream keeps the caching allocator from reusing a batch's memory while
+    the consumer's stream may still read it. Batches already on the device (DALI's "mixed" outputs)
+    pass through: torch.from_dlpack hands DALI torch's current stream, and DALI makes that stream wait
+    for the decode (its __dlpack__(stream) contract), so they are ordered already. On the CPU the same
+    code only views NHWC as NCHW: nothing to copy."""
     if device.type != "cuda":
         for imgs, tg in batches:
             yield nhwc_to_batch(imgs, tg)
@@ -83,6 +88,10 @@ def to_device(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torc
             imgs, tg = next(it)
         except StopIteration:
             return False
+        if imgs.is_cuda:
+            staged.append((imgs, tg.to(device, non_blocking=True), None))
+            return True
+        imgs, tg = (t if t.is_pinned() else t.pin_memory() for t in (imgs, tg))
         with torch.cuda.stream(stream):
             imgs = imgs.to(device, non_blocking=True)  # contiguous NHWC: one flat copy
             tg = tg.to(device, non_blocking=True)
@@ -95,9 +104,10 @@ def to_device(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torc
         pass
     while staged:
         imgs, tg, ev = staged.popleft()
-        consumer = torch.cuda.current_stream(device)
-        consumer.wait_event(ev)
-        imgs.record_stream(consumer)
-        tg.record_stream(consumer)
+        if ev is not None:
+            consumer = torch.cuda.current_stream(device)
+            consumer.wait_event(ev)
+            imgs.record_stream(consumer)
+            tg.record_stream(consumer)
         stage()
         yield nhwc_to_batch(imgs, tg)
