@@ -133,14 +133,14 @@ def _audited_epoch(tr, device: str, steps: int) -> tuple[SyncAudit, list[int]]:
 def test_train_steps_between_log_intervals_never_wait(tmp_path, device):
     """The RSB A1 recipe's step (RandAugment, Mixup/CutMix, BCE, LAMB, grad clipping, EMA) in bf16, the
     default on cuda: across two log intervals, no read-back, no data-dependent op, no host tensor in a
-    device op; one host->device copy per batch in the batch stage, and outside it only the synthetic
-    loader's index list, sent once when the epoch starts."""
+    device op; one host->device copy per batch in the batch stage, and outside it at most one when the
+    loader's epoch starts (the synthetic loader's index list)."""
     tr = _trainer(tmp_path, device, "train.amp=bf16")
     _audited_epoch(tr, device, 3)  # warm-up window: optimizer state, device constants
     a, per_batch = _audited_epoch(tr, device, 6)
     assert a.syncs == [], a.where()
     assert per_batch == [1] * 6
-    assert len(a.host_to_device_copies) == 6 + 1
+    assert len(a.host_to_device_copies) - sum(per_batch) <= 1  # outside the batch stage: the epoch's start
     assert tr.step == 9
 
 

@@ -1,0 +1,76 @@
+"""benchmarks/device_check.sh and run_gpu_node.sh: every step runs, a failed step is named and never
+shown as a result, and the GPU-only suite refuses a machine without a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.device_summary import summarize, table
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(900)
+STEPS = {"model_channels_last", "model_no_channels_last", "model_compile", "randaug", "e2e_synthetic",
+         "e2e_synthetic_no_augment", "e2e_torch"}
+
+
+def test_device_check_runs_every_step_on_the_cpu(tmp_path):
+    """Without cuda the script runs the GPU check's steps at tiny sizes: tests, three model-only
+    variants, RandAugment vs timm, data + conversion, e2e synthetic with and without the batch stage
+    and e2e on the torch backend; three files come back."""
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHON": sys.executable}, timeout=850)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log", "summary.txt"]
+    doc = json.loads((out / "device_check.json").read_text())
+    assert doc["failed_steps"] == [] and set(doc["steps"]) == STEPS
+    rows = {name: step["results"] for name, step in doc["steps"].items()}
+    for name, results in rows.items():
+        for row in results:
+            assert row["images_per_sec"] > 0 and row["min"] <= row["images_per_sec"] <= row["max"], name
+    assert [rows[f"model_{v}"][0]["channels_last"] for v in ("channels_last", "no_channels_last")] == [True, False]
+    assert rows["model_compile"][0]["compile"] is True
+    assert [rows[n][0]["backend"] for n in ("e2e_synthetic", "e2e_torch")] == ["synthetic", "torch"]
+    summary = (out / "summary.txt").read_text()
+    assert "FAILED" not in summary and "tests (augment parity + sync audit): passed" in summary
+    assert "ok" in (out / "device_check.log").read_text()
+
+
+def test_a_failing_step_is_named_and_the_rest_still_run(tmp_path):
+    log = tmp_path / "log"
+    script = (f"LOG={log} LIMIT=3; source benchmarks/steps.sh; step good true; step bad false; step slow sleep 10; "
+              "step after true; echo \"failed: ${failed[*]}\"")
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().splitlines()[-1] == "failed: bad slow"
+    assert "!! slow failed (exit 124, over 3 s)" in r.stdout and "== after" in log.read_text()
+
+
+def test_summaries_show_failed_steps_as_failed_never_as_figures():
+    doc = {"machine": {"gpu": {"name": "H200"}, "versions": {}, "cpu_cores": 16},
+           "results": [{"model": "resnet50", "device": "cuda:0", "images_per_sec": 4000.0, "min": 1.0, "max": 2.0}]}
+    lines = summarize({"model_channels_last": doc, "model_compile": doc}, failed=["model_compile"])
+    assert any(line.startswith("model only, resnet50 channels_last: 4,000 img/s") for line in lines)
+    assert any(line.startswith("model only, model no_channels_last: FAILED") for line in lines)  # wrote nothing
+    assert any("compile: FAILED" in line for line in lines) and "model only >= 5,000 img/s: MISSED" in lines
+    assert lines[-1] == "FAILED steps: model_compile"
+
+
+def test_table_lists_every_result_row(tmp_path):
+    (tmp_path / "loader.json").write_text(json.dumps({"results": [
+        {"backend": "ffcv", "images_per_sec": 1234.0, "min": 1000.0, "max": 1300.0},
+        {"backend": "dali", "images_per_sec": 999.0, "min": 900.0, "max": 1000.0, "data_stall": 0.25}]}))
+    lines = table(tmp_path, ["e2e_torch"])
+    assert "backend ffcv" in lines[0] and "1,234 img/s (1,000-1,300)" in lines[0]
+    assert "data stall 25.0%" in lines[1] and lines[-1] == "FAILED steps (no results shown): e2e_torch"
+
+
+def test_run_gpu_node_refuses_a_machine_without_a_gpu():
+    r = subprocess.run(["bash", "benchmarks/run_gpu_node.sh", "imagenet-like"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "torch sees no GPU" in r.stderr
+    assert not list((ROOT / "benchmarks" / "results").glob("*x*"))  # nothing written
