@@ -118,6 +118,10 @@ class DaliBackend(SplitLoader):
         return to_device(self._outputs(), self.dist.device, self.cfg.prefetch)
 
     def _outputs(self):
+        # With exec_dynamic the iterator wraps DALI's outputs with torch.from_dlpack, which passes torch's
+        # current stream to DALI's __dlpack__; DALI makes that stream wait for its work (on a GPU: the
+        # nvjpeg decode and resize), so the consumer reads finished batches, and the dynamic executor lets
+        # us keep outputs for as long as we like (to_device holds `prefetch` of them).
         for out in self._iter:
             yield out[0]["images"], out[0]["labels"]
         self._state = "idle"
