@@ -38,6 +38,31 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"ckpt_e{epoch:04d}_s{step:09d}.pt"
 
 
+def non_finite_tensors(tree, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in a nested dict/list (state_dicts, optimizer state) that
+    hold a NaN or an inf. One host read for the whole tree, whatever its size: meant for checkpoint time."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node, name: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() and node.numel():
+                named.append((name, node))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(tree, prefix)
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
 def save_atomic(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -62,6 +62,10 @@ class ModelConfig:
     drop_path_rate: float = 0.0  # stochastic depth
     drop_rate: float = 0.0  # dropout before the classifier
     blurpool: bool = False  # anti-aliased downsampling (timm aa_layer=BlurPool2d), as ffcv-imagenet's use_blurpool
+    # "" = the architecture's own (BatchNorm for ResNets); else a timm norm name: batchnorm | groupnorm |
+    # groupnorm1 | layernorm2d | frozenbatchnorm2d | ... (timm.layers.get_norm_layer). groupnorm1 does not mix
+    # samples, so a DDP run equals a 1-process run at the same global batch (tests rely on it)
+    norm_layer: str = ""
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
 

@@ -47,6 +47,25 @@ def resolve_device(device: str, local_rank: int = 0, setting: str = "train.devic
     return torch.device(device)
 
 
+def _restart_safe_store(rank: int, world: int) -> dict:
+    """Under torchrun, a key space of this restart attempt's own in the rendezvous store.
+
+    torchrun's agent keeps one TCPStore for the whole job, across the restarts of --max-restarts, while
+    init_process_group's env:// store adds no per-attempt prefix: a restarted group can read the previous
+    attempt's keys (gloo: the dead processes' addresses), fail with "Connection refused" or hang.
+    Returns init_process_group's store/rank/world_size arguments, or none outside torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    from torch.distributed.constants import default_pg_timeout
+
+    # the agent serves the store when it says so; otherwise rank 0 hosts it (torch's own rule)
+    hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=hosts,
+                           timeout=default_pg_timeout)
+    return {"store": tdist.PrefixStore(f"fastrsb/attempt_{attempt}", store), "rank": rank, "world_size": world}
+
+
 def init_distributed(device: str = "auto", setting: str = "train.device") -> DistInfo:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun) and initialise the process group once."""
     rank = int(os.environ.get("RANK", 0))
@@ -57,7 +76,8 @@ def init_distributed(device: str = "auto", setting: str = "train.device") -> Dis
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
+                                 **_restart_safe_store(rank, world))
     return DistInfo(rank, world, local_rank, local_world, dev)
 
 

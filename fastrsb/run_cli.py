@@ -1,4 +1,4 @@
-"""`fastrsb train | eval | average | sweep | demo`."""
+"""`fastrsb train | eval | average | export | plot | sweep | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,7 @@ def _train(args: argparse.Namespace) -> int:
             from fastrsb.config import to_dict
 
             (Path(args.out) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+            _write_launch(args.out, args.config, " ".join(["fastrsb", *sys.argv[1:]]))
             print(f"[train] {cfg.model.name} on {cfg.data.backend} ({dist.device}, world {dist.world_size}), "
                   f"{trainer.steps_per_epoch} steps/epoch, global batch {trainer.global_batch}, lr {trainer.peak_lr:g}")
         if trainer.epoch >= cfg.train.epochs and dist.is_main:
@@ -59,6 +60,13 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutdown()
+
+
+def _write_launch(run_dir: str | Path, recipe: str | Path, command: str) -> None:
+    """RUN/launch.json: the recipe file and the command, for `fastrsb export`'s model card."""
+    from fastrsb.export import LAUNCH
+
+    (Path(run_dir) / LAUNCH).write_text(json.dumps({"recipe": str(recipe), "command": command}, indent=1) + "\n")
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, res: int | None = None, crop_pct: float | None = None,
@@ -141,6 +149,7 @@ def average_checkpoints(run_dir: str | Path, best: int, metric: str = "val_top1"
         return out
 
     avg = {"model": mean_of("model"), "ema": mean_of("ema"), "config": chosen[0][2]["config"],
+           "num_classes": chosen[0][2].get("num_classes"),
            "code_version": ckpt.code_version(), "averaged_by": metric,
            "averaged_from": [str(s[1].name) for s in chosen], "averaged_scores": [s[0] for s in chosen]}
     out = run_dir / "averaged.pt"
@@ -154,7 +163,36 @@ def _average(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastrsb average: error: {e}", file=sys.stderr)
         return 2
-    print(f"[average] wrote {out} (evaluate with: fastrsb eval --checkpoint {out} --data DATA)")
+    print(f"[average] wrote {out} (evaluate with: fastrsb eval --checkpoint {out} --data DATA; "
+          f"export with: fastrsb export {out} OUT_DIR)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastrsb.checkpoint import CheckpointError
+    from fastrsb.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, args.ema)
+    except (CheckpointError, ValueError) as e:
+        print(f"fastrsb export: error: {e}", file=sys.stderr)
+        return 2
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"[export] wrote {out}/model.safetensors, config.json, README.md ({cfg['architecture']}, "
+          f"{cfg['num_classes']} classes); load with timm.create_model(\"local-dir:{out}\", pretrained=True)")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from fastrsb.plot import plot_runs
+
+    try:
+        drawn = plot_runs(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastrsb plot: error: {e}", file=sys.stderr)
+        return 2
+    runs = {label for lines in drawn.values() for label in lines}
+    print(f"[plot] wrote {args.out} ({len(drawn)} panels, {len(runs)} lines)")
     return 0
 
 
@@ -184,6 +222,10 @@ def _sweep(args: argparse.Namespace) -> int:
     for key in ("val_top1", "ema_val_top1"):
         if key in summary:
             print(f"[sweep] {key} {summary[key]['mean']:.2f} ± {summary[key]['std']:.2f} over {len(finals)} seeds")
+    from fastrsb.plot import plot_runs
+
+    plot_runs([out / f"seed{seed}" for seed in finals], out / "sweep.png")
+    print(f"[sweep] curves of every seed: {out / 'sweep.png'}")
     return 0
 
 
@@ -201,7 +243,7 @@ def run_demo(out: str | Path, backends=("ffcv", "dali"), epochs: int | None = No
     data = out / "data"
     print("[demo] converting the embedded digits dataset to ffcv + dali")
     convert(src, data, progress=False)
-    verify(data, quick=True)
+    verify(data)  # every file hashed, every sample decoded in both formats: seconds for the digits
     summary = {}
     for backend in backends:
         overrides = [f"data.backend={backend}", f"data.path={data}", "train.device=cpu"]
@@ -210,6 +252,7 @@ def run_demo(out: str | Path, backends=("ffcv", "dali"), epochs: int | None = No
         cfg = load_config(CONFIGS / "demo.yaml", overrides)
         run = out / f"run_{backend}"
         trainer = Trainer(cfg, run, init_distributed("cpu"))
+        _write_launch(run, CONFIGS / "demo.yaml", f"fastrsb demo --out {out}")
         print(f"[demo] training {cfg.model.name} for {cfg.train.epochs} epochs on the {backend} backend (CPU)")
         t0 = time.time()
         metrics = trainer.fit()
@@ -255,6 +298,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--metric", default="val_top1", choices=("val_top1", "ema_val_top1"),
                    help="rank checkpoints by the raw or the EMA weights' val top-1")
     a.set_defaults(func=_average)
+
+    x = sub.add_parser("export", help="a checkpoint as timm weights: OUT_DIR/model.safetensors, config.json, README.md",
+                       description="Write a checkpoint's weights in the form timm.create_model loads (and a model "
+                                   "hub serves): model.safetensors, timm's config.json, a model card.")
+    x.add_argument("checkpoint", help="a run's checkpoint or the averaged.pt of `fastrsb average`")
+    x.add_argument("out_dir")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights (default: the raw ones)")
+    x.set_defaults(func=_export)
+
+    pl = sub.add_parser("plot", help="training curves of runs (loss, lr, val/EMA top-1, images/sec, data stall)")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or sweep directories (every seed)")
+    pl.add_argument("--out", required=True, help="PNG to write")
+    pl.set_defaults(func=_plot)
 
     s = sub.add_parser("sweep", help="run a recipe over several seeds and report mean ± std top-1")
     s.add_argument("--config", required=True)

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as tdist
+from timm.utils import accuracy
 from tqdm import tqdm
 
 from fastrsb import checkpoint as ckpt
@@ -239,10 +240,19 @@ class Trainer:
         return path
 
     def save_checkpoint(self, metrics: dict | None = None) -> Path | None:
-        """Rank 0 writes; every rank takes part (RNG gather). Refuses non-finite weights."""
-        finite = torch.stack([p.detach().float().abs().max() for p in self.model.parameters()]).isfinite().all()
-        if not bool(finite):
-            raise NonFiniteLoss(f"weights are not finite at step {self.step}; refusing to write a checkpoint")
+        """Rank 0 writes; every rank takes part (RNG gather). Refuses a state with a NaN/inf anywhere a resumed
+        run would read it: weights and buffers (BN statistics) of the model and of the EMA, optimizer state."""
+        bad = ckpt.non_finite_tensors({"model": self.model.state_dict(),
+                                       "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                                       "optimizer": self.optimizer.state_dict()["state"]})
+        if self.dist.distributed:  # BN buffers differ per rank: every rank refuses, or none does
+            count = torch.tensor([float(len(bad))], device=self.dist.device)
+            tdist.all_reduce(count)
+            if count.item() and not bad:
+                bad = ["tensors on another rank"]
+        if bad:
+            raise NonFiniteLoss(f"not finite at step {self.step}: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}; "
+                                "refusing to write a checkpoint")
         state = self.state_dict()
         self._last_ckpt_time = time.time()
         if not self.dist.is_main:
@@ -485,9 +495,9 @@ def evaluate(model, loader, augment, amp: torch.dtype | None, dist: DistInfo, fl
             logits = model(x).float()
             if flip_tta:
                 logits = logits + model(x.flip(3)).float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top.eq(y.view(-1, 1))
-        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).double()
+        # timm's accuracy gives percentages of the batch; rounding turns them back into exact counts
+        top1, top5 = accuracy(logits, y, topk=(1, 5))
+        hits += torch.stack([top1, top5]).double().mul_(y.shape[0] / 100).round_()
         seen += y.shape[0]
     counts = torch.cat([hits, hits.new_full((1,), float(seen))])
     if dist.distributed:

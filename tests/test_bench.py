@@ -1,5 +1,6 @@
-"""Every bench command on tiny data: well-formed JSON with positive numbers (no speed thresholds),
-and the data-stall meter against a loader slowed on purpose."""
+"""Every bench command on tiny data: well-formed JSON whose medians and ratios follow from its own
+per-round figures (no speed thresholds), and the timers and data-stall meter against candidates
+slowed on purpose."""
 from __future__ import annotations
 
 import json
@@ -30,8 +31,18 @@ def _bench(tmp_path, *args):
     assert doc["machine"]["cpu_cores"] >= 1 and doc["machine"]["versions"]["torch"] and doc["command"].startswith("python -m fastrsb")
     assert plot.stat().st_size > 1000
     for row in doc["results"]:
-        assert row["images_per_sec"] > 0 and row["min"] <= row["images_per_sec"] <= row["max"]
+        assert row["images_per_sec"] > 0
+        if "per_round" in row:  # the summary is of the rounds it lists (stored rounded to 0.1)
+            rounds = row["per_round"]
+            assert len(rounds) == row["repeats"]
+            for key, value in (("images_per_sec", statistics.median(rounds)), ("min", min(rounds)), ("max", max(rounds))):
+                assert row[key] == pytest.approx(value, abs=0.051), key
     return doc
+
+
+def _paired(a: dict, b: dict) -> float:
+    """The median over rounds of a's figure over b's, from the JSON's per-round figures."""
+    return statistics.median(x / y for x, y in zip(a["per_round"], b["per_round"], strict=True))
 
 
 def test_bench_loader(small_dataset, tmp_path):
@@ -41,8 +52,16 @@ def test_bench_loader(small_dataset, tmp_path):
     assert names[:6] == ["ffcv", "bare ffcv", "dali", "bare dali", "torch", "torchvision ImageFolder (original JPEGs)"]
     assert names[-1].startswith("decode limit")
     assert all(r["repeats"] == 2 for r in doc["results"])
-    first = doc["results"][0]
-    assert first["vs_bare_library"] > 0 and first["vs_torch"] > 0 and first["vs_imagefolder"] > 0
+    rows = {r["backend"]: r for r in doc["results"]}
+    reference = rows["torchvision ImageFolder (original JPEGs)"]
+    for name in ("ffcv", "dali"):  # each ratio pairs the rounds of the two rows (per_round is rounded to 0.1)
+        row = rows[name]
+        assert row["vs_bare_library"] == pytest.approx(_paired(row, rows[f"bare {name}"]), rel=3e-3)
+        assert row["vs_torch"] == pytest.approx(_paired(row, rows["torch"]), rel=3e-3)
+        assert row["vs_imagefolder"] == pytest.approx(_paired(row, reference), rel=3e-3)
+    limit = doc["results"][-1]["images_per_sec"]
+    for row in doc["results"]:
+        assert row["fraction_of_decode_limit"] == pytest.approx(row["images_per_sec"] / limit)
 
 
 def test_bench_model(tmp_path):
@@ -59,7 +78,31 @@ def test_bench_e2e_and_scaling(small_dataset, tmp_path):
                  "--backend", "torch", "--nprocs", "1,2", "--steps", "2", "--repeats", "1", *TINY)
     rows = doc["results"]
     assert [r["processes"] for r in rows] == [1, 2] and rows[1]["world_size"] == 2
-    assert rows[0]["scaling_efficiency"] == pytest.approx(1.0)
+    # efficiency: 2 processes' images/sec against twice one process's
+    assert rows[1]["scaling_efficiency"] == pytest.approx(rows[1]["images_per_sec"] / (2 * rows[0]["images_per_sec"]))
+
+
+def test_round_robin_timer_sees_a_candidate_slowed_on_purpose():
+    """The loader benchmark's timer on two candidates yielding the same batches, one sleeping 50 ms per
+    batch: in every round the slow one measures at most batch / 50 ms, and below the fast one."""
+    import torch
+
+    from fastrsb.bench.suite import _time_round_robin
+
+    batch, per_epoch, delay = 4, 3, 0.05
+
+    def candidate(sleep: float):
+        def epoch(i):
+            for _ in range(per_epoch):
+                time.sleep(sleep)
+                yield torch.zeros(batch, 3, 8, 8)
+        return epoch
+
+    timed = _time_round_robin([("fast", candidate(0.0)), ("slow", candidate(delay))], repeats=3, epochs=2,
+                              sync=lambda: None)
+    assert len(timed["fast"]) == len(timed["slow"]) == 3
+    assert all(s <= batch / delay for s in timed["slow"]), timed
+    assert all(s < f / 10 for s, f in zip(timed["slow"], timed["fast"])), timed
 
 
 class SlowLoader:
@@ -88,13 +131,15 @@ def test_data_stall_meter(tmp_path):
                                               "data.val_res=32", "data.synthetic_num_classes=10",
                                               "data.synthetic_num_samples=400", "train.log_interval=5", "train.amp=none"])
     fast = Trainer(cfg, tmp_path / "fast", DistInfo())
-    _, stall_fast = _measure_steps(fast, 5, 2)
+    ips_fast, stall_fast = _measure_steps(fast, 5, 2)
     slow = Trainer(cfg, tmp_path / "slow", DistInfo())
     # a second per batch: far slower than this tiny step even on a loaded 2-core machine
     slow.train_loader = SlowLoader(slow.train_loader, delay=1.0)
-    _, stall_slow = _measure_steps(slow, 5, 2)
+    ips_slow, stall_slow = _measure_steps(slow, 5, 2)
     assert max(stall_fast) < 0.1, stall_fast
     assert min(stall_slow) > 0.6, stall_slow
+    # the same windows' images/sec: at most 4 images per second of sleep, and below the unslowed run's
+    assert max(ips_slow) <= 4.0 and max(ips_slow) < min(ips_fast), (ips_slow, ips_fast)
 
 
 def test_bench_randaugment_script(tmp_path):
@@ -110,10 +155,14 @@ def test_bench_randaugment_script(tmp_path):
     rows = doc["results"]
     assert [row["implementation"].split(" (")[0] for row in rows] == [
         "fastrsb numba", "fastrsb torch", "timm PIL per image", "timm PIL per image"]
+    procs = [k for k in rows[0] if k.startswith("vs_timm_") and k.endswith("_processes")]
+    assert len(procs) == 1
     for row in rows:
-        assert row["images_per_sec"] > 0 and row["min"] <= row["images_per_sec"] <= row["max"]
-        assert len(row["per_round"]) == 2
-        # each round's ratio (rows timed back to back), median over rounds
-        assert row["vs_timm_1_process"] == statistics.median(
-            x / y for x, y in zip(row["per_round"], rows[2]["per_round"]))
-    assert rows[2]["vs_timm_1_process"] == 1.0 and doc["settings"]["config"] == "rand-m7-mstd0.5-inc1"
+        rounds = row["per_round"]
+        assert len(rounds) == 2 and row["images_per_sec"] == statistics.median(rounds) > 0
+        assert (row["min"], row["max"]) == (min(rounds), max(rounds))
+        # each round's ratio (rows timed back to back), median over rounds: against timm in one process
+        # and against timm in a process per core
+        assert row["vs_timm_1_process"] == _paired(row, rows[-2])
+        assert row[procs[0]] == _paired(row, rows[-1])
+    assert doc["settings"]["config"] == "rand-m7-mstd0.5-inc1"

@@ -166,6 +166,55 @@ def test_verify_accepts_then_catches_tampering(messy, tmp_path):
         verify(work, log=lambda s: None)
 
 
+def test_verify_reaches_the_label_checks_with_a_tampered_label(messy, tmp_path):
+    """A label changed in place, size kept and the manifest's checksum updated to match (what a converter bug
+    would leave): only verify's label checks stand between it and training, in the DALI shards and in the beton."""
+    import shutil
+
+    from dataprep.layout import read_wds_index, sha256_file
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
+
+    src, out, m, truth = messy
+
+    def rehash(root: Path, rel: str) -> None:  # keep the manifest consistent with the tampered file
+        manifest = json.loads((root / MANIFEST).read_text())
+        manifest["files"][rel]["sha256"] = sha256_file(root / rel)
+        (root / MANIFEST).write_text(json.dumps(manifest))
+
+    # DALI: the .cls member of train sample 0 (class 0) says class 1
+    work = tmp_path / "dali"
+    shutil.copytree(out, work)
+    shard = m["splits"]["train"]["dali_shards"][0]
+    offset, size = read_wds_index(work / shard["index"])[0]["cls"]
+    with open(work / shard["tar"], "r+b") as f:
+        f.seek(offset)
+        assert f.read(size) == b"0"
+        f.seek(offset)
+        f.write(b"1")
+    rehash(work, shard["tar"])
+    for quick in (False, True):
+        with pytest.raises(VerifyError, match=r"train-00000.tar: sample 0 \(dataset index 0\) has label b'1', manifest order says 0"):
+            verify(work, quick=quick, log=lambda s: None)
+
+    # ffcv: the label column of val sample 0 in the beton's metadata table says class 2
+    work = tmp_path / "ffcv"
+    shutil.copytree(out, work)
+    beton = work / "val.beton"
+    reader = Reader(str(beton))
+    table = np.memmap(beton, dtype=reader.metadata_type, mode="r+", shape=(reader.num_samples,),
+                      offset=HeaderType.itemsize + reader.field_descriptors.nbytes)
+    label = f"f{reader.field_names.index('label')}"
+    assert table[label][0] == 0
+    table[label][0] = 2
+    table.flush()
+    del table
+    rehash(work, "val.beton")
+    for quick in (False, True):
+        with pytest.raises(VerifyError, match=r"val.beton: sample 0 has label 2, manifest order says 0"):
+            verify(work, quick=quick, log=lambda s: None)
+
+
 def test_cli_verify_exit_codes(messy, tmp_path):
     src, out, m, truth = messy
     ok = subprocess.run([sys.executable, "-m", "fastrsb", "verify", str(out), "--quick"], capture_output=True, text=True)

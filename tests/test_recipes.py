@@ -175,31 +175,76 @@ def test_model_options():
         create_model(ModelConfig(name="no_such_model_xyz"), 7, torch.device("cpu"))
 
 
-def test_teacher_loads_fastrsb_and_timm_checkpoints_and_refuses_misfits(tmp_path):
+class _NotAWeight:
+    """A global torch.load(weights_only=True) must keep refusing: only timm's argparse.Namespace is allowed."""
+
+
+def test_teacher_loads_timm_fastrsb_plain_and_safetensors_and_refuses_misfits(tmp_path):
+    import argparse
+
     import timm
+    from safetensors.torch import save_file
+    from timm.utils import CheckpointSaver, ModelEmaV3, NativeScaler
 
     from fastrsb.model import load_teacher
 
+    torch.manual_seed(0)
     src = timm.create_model("resnet18", num_classes=4)
-    sd = src.state_dict()
+    ema = ModelEmaV3(src, decay=0.5)
+    with torch.no_grad():  # EMA weights that differ from the raw ones: the teacher must be the EMA
+        for p in src.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    optimizer = torch.optim.SGD(src.parameters(), lr=0.1, momentum=0.9)
+    src(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer state, as in a real checkpoint
+    # the arguments as timm's train.py keeps them: strings, numbers, None, lists, bools
+    args = argparse.Namespace(model="resnet18", num_classes=4, pretrained=False, img_size=None, input_size=None,
+                              crop_pct=None, mean=None, std=None, interpolation="", batch_size=128, opt="lamb",
+                              lr=5e-3, weight_decay=0.02, sched="cosine", epochs=600, decay_milestones=[90, 180, 270],
+                              aa="rand-m7-mstd0.5-inc1", mixup=0.1, cutmix=1.0, smoothing=0.0, bce_loss=True,
+                              model_ema=True, model_ema_decay=0.9998, amp=True, seed=0, output="", experiment="")
+    # timm's own writer: {'epoch', 'arch', 'optimizer', 'version', 'args', 'amp_scaler', 'state_dict',
+    # 'state_dict_ema', 'metric', 'saver'}
+    saver = CheckpointSaver(src, optimizer, args=args, model_ema=ema, amp_scaler=NativeScaler(device="cpu"),
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=3, metric=71.5)
+    timm_ckpt = tmp_path / "last.pth.tar"
+    raw = torch.load(timm_ckpt, weights_only=False)
+    assert isinstance(raw["args"], argparse.Namespace) and {"state_dict", "state_dict_ema", "optimizer"} <= set(raw)
+    with pytest.raises(Exception, match="Namespace"):  # what refused timm checkpoints before
+        torch.load(timm_ckpt, weights_only=True)
+
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        ref = src.eval()(x)
+        ref_ema, ref_raw = ema.module.eval()(x), src.eval()(x)
+    sd, ema_sd = src.state_dict(), ema.module.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "plain.safetensors"))
     files = {
-        "plain.pt": sd,
-        "fastrsb.pt": {"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd, "step": 3},
-        "timm.pt": {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 5},
+        timm_ckpt.name: ref_ema,
+        "plain.pt": ref_raw,
+        "plain.safetensors": ref_raw,
+        "fastrsb.pt": ref_ema,
+        "timm_no_ema_ddp.pt": ref_raw,
     }
-    for name, obj in files.items():
-        torch.save(obj, tmp_path / name)
+    torch.save(sd, tmp_path / "plain.pt")
+    torch.save({"model": sd, "ema": ema_sd, "step": 3, "config": {"model": {"name": "resnet18"}}}, tmp_path / "fastrsb.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 5}, tmp_path / "timm_no_ema_ddp.pt")
+    for name, expected in files.items():
         teacher = load_teacher(str(tmp_path / name), "resnet18", 4, torch.device("cpu"))
         assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
         with torch.no_grad():
-            torch.testing.assert_close(teacher(x), ref), name
-    with pytest.raises(ValueError, match="do not fit"):
-        load_teacher(str(tmp_path / "plain.pt"), "resnet18", 10, torch.device("cpu"))
-    with pytest.raises(ValueError, match="do not fit"):
-        load_teacher(str(tmp_path / "plain.pt"), "resnet34", 4, torch.device("cpu"))
+            torch.testing.assert_close(teacher(x), expected, msg=name)
+    # misfits name both sides: the file's classes / architecture and what the run needs
+    with pytest.raises(ValueError, match=r"the teacher has 4 classes .*student's dataset has 10"):
+        load_teacher(str(timm_ckpt), "resnet18", 10, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"file says resnet18\).*not a resnet34"):
+        load_teacher(str(timm_ckpt), "resnet34", 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"nothing about its architecture.*not a resnet50 .*shape mismatches"):
+        load_teacher(str(tmp_path / "plain.pt"), "resnet50", 4, torch.device("cpu"))
+    # weights-only safety kept: any other global is still refused
+    torch.save({"state_dict": sd, "extra": _NotAWeight()}, tmp_path / "unsafe.pt")
+    with pytest.raises(ValueError, match="cannot be read as weights"):
+        load_teacher(str(tmp_path / "unsafe.pt"), "resnet18", 4, torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_teacher(str(tmp_path / "missing.pt"), "resnet18", 4, torch.device("cpu"))
 

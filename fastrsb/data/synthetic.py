@@ -1,4 +1,10 @@
-"""Random uint8 batches made once on the device and replayed: measures the model alone."""
+"""Random uint8 images made once on the device: measures the model alone.
+
+Sample i is pool[i % pool size] (image and label), the pool being a function of data.seed and the
+resolution only. So the sampler alone decides what a step sees: a resumed epoch replays exactly the
+batches it had left, and ranks of a DDP run together see the samples a 1-process run sees at the same
+global batch. The epoch's indices reach the device once per epoch; each batch is a gather there.
+"""
 from __future__ import annotations
 
 from typing import Iterator
@@ -11,26 +17,26 @@ from fastrsb.data.common import SplitLoader, nhwc_to_batch
 
 
 class SyntheticLoader(SplitLoader):
-    POOL = 4  # distinct batches kept on the device
+    MAX_POOL = 256  # distinct images kept on the device (38 MB at 224 px)
 
     def __init__(self, cfg, split, dist):
         super().__init__(cfg, split, dist, cfg.synthetic_num_samples, cfg.synthetic_num_classes)
-        self._pool: list[Batch] = []
+        self._images: torch.Tensor | None = None  # (pool, res, res, 3) uint8
+        self._labels: torch.Tensor | None = None  # (pool,) int64
 
-    def _make_pool(self, res: int) -> list[Batch]:
-        g = torch.Generator(device=self.dist.device).manual_seed(self.cfg.seed + self.dist.rank)
-        pool = []
-        for _ in range(self.POOL):
-            imgs = torch.randint(0, 256, (self.batch_size, res, res, 3), dtype=torch.uint8, device=self.dist.device, generator=g)
-            tg = torch.randint(0, self.num_classes, (self.batch_size,), device=self.dist.device, generator=g)
-            pool.append(nhwc_to_batch(imgs, tg))
-        return pool
+    def _make_pool(self, res: int) -> None:
+        dev = self.dist.device
+        size = min(self.num_samples, self.MAX_POOL)
+        g = torch.Generator(device=dev).manual_seed(self.cfg.seed)
+        self._labels = torch.randint(0, self.num_classes, (size,), device=dev, generator=g)
+        self._images = torch.randint(0, 256, (size, res, res, 3), dtype=torch.uint8, device=dev, generator=g)
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
         res = self.resolution
-        if not self._pool or self._pool[0].images.shape[-1] != res:
-            self._pool = self._make_pool(res)
-        for b in range(len(indices) // self.batch_size if self.train else -(-len(indices) // self.batch_size)):
-            full = self._pool[b % self.POOL]
-            n = min(self.batch_size, len(indices) - b * self.batch_size)
-            yield Batch(full.images[:n], full.targets[:n])
+        if self._images is None or self._images.shape[1] != res:
+            self._make_pool(res)
+        pool_index = torch.from_numpy(indices % len(self._labels)).to(self.dist.device)
+        batches = len(indices) // self.batch_size if self.train else -(-len(indices) // self.batch_size)
+        for b in range(batches):
+            sel = pool_index[b * self.batch_size:(b + 1) * self.batch_size]
+            yield nhwc_to_batch(self._images.index_select(0, sel), self._labels.index_select(0, sel))
