@@ -126,3 +126,44 @@ def prune(ckpt_dir: Path, keep: int, metric_of: dict[str, float]) -> None:
     for p in ckpts:
         if p not in newest and p not in best:
             p.unlink(missing_ok=True)
+
+
+def average_checkpoints(run_dir: str | Path, best: int, metric: str = "val_top1") -> Path:
+    """Average the weights (raw and EMA) of the `best` checkpoints of RUN_DIR ranked by `metric` into
+    RUN_DIR/averaged.pt (floating tensors averaged in double; integer buffers, BN step counters, from the
+    best one). Only evaluated epoch checkpoints carry a metric; corrupt ones are skipped with a warning."""
+    run_dir = Path(run_dir)
+    scored = []
+    for p in list_checkpoints(run_dir / "checkpoints"):
+        try:
+            state = load(p)
+        except CheckpointError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
+        value = state.get("metrics", {}).get(metric)
+        if value is not None:
+            scored.append((value, p, state))
+    if len(scored) < best:
+        raise ValueError(f"{run_dir}: {len(scored)} checkpoint(s) with {metric}, --best {best} asked "
+                         "(train.keep_checkpoints bounds how many best ones are kept)")
+    scored.sort(key=lambda s: -s[0])
+    chosen = scored[:best]
+
+    def mean_of(key: str):
+        if chosen[0][2].get(key) is None:
+            return None
+        out = {}
+        for name, ref in chosen[0][2][key].items():
+            if ref.is_floating_point():
+                out[name] = sum(s[2][key][name].double() for s in chosen).div(len(chosen)).to(ref.dtype)
+            else:
+                out[name] = ref
+        return out
+
+    avg = {"model": mean_of("model"), "ema": mean_of("ema"), "config": chosen[0][2]["config"],
+           "num_classes": chosen[0][2].get("num_classes"),
+           "code_version": code_version(), "averaged_by": metric,
+           "averaged_from": [str(s[1].name) for s in chosen], "averaged_scores": [s[0] for s in chosen]}
+    out = run_dir / "averaged.pt"
+    save_atomic(avg, out)
+    return out

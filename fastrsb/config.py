@@ -268,17 +268,30 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    values: dict = {}
+def merge(values: dict, more: dict) -> dict:
+    """`more`'s leaves set into the nested mapping `values` (in place), e.g. {"data": {"path": p}}."""
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            merge(values[key], value)
+        else:
+            values[key] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict | None = None) -> Any:
+    """A recipe file, then `--section.key=value` overrides (what a user typed), then `values` (settings a
+    program passes as values, e.g. {"data": {"path": p}}), checked as one config."""
+    settings: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            settings = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(values, dict):
+        if not isinstance(settings, dict):
             raise ConfigError(f"config file {p}: expected a mapping of sections at the top level")
-    values = apply_overrides(values, overrides or [])
-    return from_dict(values)
+    settings = merge(apply_overrides(settings, overrides or []), values or {})
+    return from_dict(settings)

@@ -27,6 +27,11 @@ WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 LAUNCH = "launch.json"  # written by `fastrsb train` into the run directory: recipe and command
 
 
+def record_launch(run_dir: str | Path, recipe: str | Path, command: str) -> None:
+    """RUN/launch.json: the recipe file and the command that started the run, for the model card."""
+    (Path(run_dir) / LAUNCH).write_text(json.dumps({"recipe": str(recipe), "command": command}, indent=1) + "\n")
+
+
 def _run_dir(checkpoint: Path) -> Path:
     """RUN for RUN/checkpoints/ckpt_*.pt and for RUN/averaged.pt."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from fastrsb.config import LossConfig
+from fastrsb.model import load_teacher
 
 
 class TaskLoss(torch.nn.Module):
@@ -55,3 +56,15 @@ class Criterion(torch.nn.Module):
         with torch.no_grad():
             teacher_logits = self.teacher(images)
         return self.kd_weight * kd_loss(logits, teacher_logits, self.temperature) + (1 - self.kd_weight) * loss
+
+
+def create_criterion(cfg: LossConfig, model_name: str, num_classes: int, device: torch.device) -> Criterion:
+    """The training objective; with loss.kd_weight > 0 its teacher comes from loss.kd_teacher, a local
+    file (its architecture loss.kd_teacher_model, default the student's)."""
+    teacher = None
+    if cfg.kd_weight > 0:
+        if not cfg.kd_teacher:
+            raise ValueError(f"loss.kd_teacher: loss.kd_weight={cfg.kd_weight} distils from a teacher; "
+                             "set loss.kd_teacher to a local checkpoint")
+        teacher = load_teacher(cfg.kd_teacher, cfg.kd_teacher_model or model_name, num_classes, device)
+    return Criterion(cfg, teacher)

@@ -46,6 +46,24 @@ def create_model(cfg: ModelConfig, num_classes: int, device: torch.device) -> to
     return model
 
 
+def create_ema(model: torch.nn.Module, cfg) -> "ModelEmaV3 | None":
+    """timm's EMA of the weights (ema.enabled), or None."""
+    if not cfg.enabled:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.decay, use_warmup=cfg.warmup)
+
+
+def wrap_model(model: torch.nn.Module, cfg: ModelConfig, dist) -> torch.nn.Module:
+    """What the train step calls: the model in DDP when the run has several processes, compiled when
+    model.compile is set. The module itself stays the trainer's raw_model (weights, EMA, evaluation)."""
+    if dist.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return torch.compile(model) if cfg.compile else model
+
+
 # fastrsb checkpoints ("ema", "model"), then timm train.py's ("state_dict_ema", "state_dict"); EMA first
 _WEIGHT_KEYS = ("ema", "state_dict_ema", "model_ema", "model", "state_dict")
 

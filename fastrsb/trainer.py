@@ -12,7 +12,6 @@ import resource
 import signal
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +19,6 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as tdist
-from timm.utils import accuracy
 from tqdm import tqdm
 
 from fastrsb import checkpoint as ckpt
@@ -29,28 +27,15 @@ from fastrsb.augment.batch import numpy_rng_state, set_numpy_rng_state
 from fastrsb.config import to_dict
 from fastrsb.data import create_loader
 from fastrsb.dist import DistInfo
-from fastrsb.losses import Criterion
-from fastrsb.model import create_model, load_teacher
+from fastrsb.evaluation import build_eval_stack
+from fastrsb.losses import create_criterion
+from fastrsb.model import create_ema, wrap_model
 from fastrsb.optim import base_lr, create_optimizer, lr_at, resolution_at
+from fastrsb.precision import autocast
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN/inf; no checkpoint is written from this state."""
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None = full fp32. auto: bf16 autocast on cuda, fp32 on cpu."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if amp not in table:
-        raise ValueError(f"train.amp: expected auto, bf16, fp16 or none, got {amp!r}")
-    return table[amp]
-
-
-def autocast(dtype: torch.dtype | None, device: torch.device):
-    """The one mixed-precision context: autocast to `dtype`, or nothing for fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -124,6 +109,10 @@ class EpochTotals:
 
 
 class Trainer:
+    """Trains `cfg` on this process's share of the run. `model` is what the step calls (in DDP and/or
+    compiled when configured, as nanoGPT's `model`); `raw_model` is the module itself, whose weights the
+    EMA, the checkpoints and evaluation use (nanoGPT's `raw_model`)."""
+
     def __init__(self, cfg, run_dir: str | Path, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(run_dir)
@@ -134,43 +123,24 @@ class Trainer:
         seed_everything(t.seed * 1000 + dist.rank)
         if dist.device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
-        self.amp = amp_dtype(t.amp, dist.device)
-        # every check that can fail runs before the first step: loaders, model, optimizer, loss
+        # every check that can fail runs here, before the first step
         self.train_loader = create_loader(cfg, "train", dist)
-        self.val_loader = create_loader(cfg, "val", dist)
-        self.num_classes = self.train_loader.num_classes
-        self.model = create_model(cfg.model, self.num_classes, dist.device)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} is larger than this rank's share of the train split")
+        self.eval_stack = build_eval_stack(cfg, dist)
+        self.raw_model, self.amp = self.eval_stack.model, self.eval_stack.amp
+        self.num_classes = self.eval_stack.loader.num_classes
         self.global_batch = cfg.data.batch_size * dist.world_size
         self.peak_lr = base_lr(cfg.optim, self.global_batch)
-        self.optimizer = create_optimizer(self.model, cfg.optim, self.peak_lr)
+        self.optimizer = create_optimizer(self.raw_model, cfg.optim, self.peak_lr)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp is torch.float16)
-        self.ema = None
-        if cfg.ema.enabled:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
-        teacher = None
-        if cfg.loss.kd_weight > 0:
-            if not cfg.loss.kd_teacher:
-                raise ValueError(f"loss.kd_teacher: loss.kd_weight={cfg.loss.kd_weight} distils from a teacher; "
-                                 "set loss.kd_teacher to a local checkpoint")
-            teacher = load_teacher(cfg.loss.kd_teacher, cfg.loss.kd_teacher_model or cfg.model.name,
-                                   self.num_classes, dist.device)
-        self.criterion = Criterion(cfg.loss, teacher)
+        self.ema = create_ema(self.raw_model, cfg.ema)
+        self.criterion = create_criterion(cfg.loss, cfg.model.name, self.num_classes, dist.device)
         lr_at(0, self.steps_per_epoch, t.epochs, self.peak_lr, cfg.schedule)  # an unknown schedule fails here
-        dtype = self.amp or torch.float32
-        self.train_aug = build_batch_augment(cfg.augment, self.num_classes, cfg.loss.label_smoothing, dtype, True,
-                                             seed=t.seed * 1000 + dist.rank)
-        self.eval_aug = build_batch_augment(cfg.augment, self.num_classes, 0.0, dtype, False)
-        self.net = self.model
-        if dist.distributed:
-            self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-        if cfg.model.compile:
-            self.net = torch.compile(self.net)
+        self.train_aug = build_batch_augment(cfg.augment, self.num_classes, cfg.loss.label_smoothing,
+                                             self.amp or torch.float32, True, seed=t.seed * 1000 + dist.rank)
+        self.model = wrap_model(self.raw_model, cfg.model, dist)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
         self.lr = self.peak_lr  # of the latest step
@@ -194,7 +164,7 @@ class Trainer:
         else:
             all_rng = [rng]
         return {
-            "model": self.model.state_dict(),
+            "model": self.raw_model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -210,7 +180,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.raw_model.load_state_dict(state["model"])
         if self.ema is not None:  # a run that turns EMA on at resume starts it from the loaded weights
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -242,7 +212,7 @@ class Trainer:
     def save_checkpoint(self, metrics: dict | None = None) -> Path | None:
         """Rank 0 writes; every rank takes part (RNG gather). Refuses a state with a NaN/inf anywhere a resumed
         run would read it: weights and buffers (BN statistics) of the model and of the EMA, optimizer state."""
-        bad = ckpt.non_finite_tensors({"model": self.model.state_dict(),
+        bad = ckpt.non_finite_tensors({"model": self.raw_model.state_dict(),
                                        "ema": self.ema.module.state_dict() if self.ema is not None else None,
                                        "optimizer": self.optimizer.state_dict()["state"]})
         if self.dist.distributed:  # BN buffers differ per rank: every rank refuses, or none does
@@ -332,24 +302,24 @@ class Trainer:
         step() reads the inf check back (bf16, the default on cuda, needs no scaler)."""
         x, y = self.train_aug(batch.images, batch.targets)
         with autocast(self.amp, self.dist.device):
-            logits = self.net(x)
+            logits = self.model(x)
             loss = self.criterion(x, logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            self.ema.update(self.model, step=self.step)
+            self.ema.update(self.raw_model, step=self.step)
         return loss.detach()
 
     def _begin_epoch(self) -> int:
         """Set up the current epoch (or its resumed rest); returns its train resolution."""
         res = resolution_at(self.epoch, self.cfg.progressive, self.cfg.data.train_res)
         self.train_loader.set_resolution(res)
-        self.net.train()
+        self.model.train()
         self._set_lr()
         if self.batch_in_epoch == 0:
             self.totals = EpochTotals()
@@ -383,11 +353,11 @@ class Trainer:
         if window.steps:
             yield self._close(window)
 
-    def train_epoch(self, bar: tqdm | None = None, max_steps: int | None = None) -> dict | None:
-        """One (possibly resumed) epoch, or its first max_steps steps. Returns the epoch's train
-        figures, or None when a stop signal ended it (after a checkpoint)."""
+    def train_epoch(self, bar: tqdm | None = None) -> dict | None:
+        """One (possibly resumed) epoch: a metrics line per log window, a timed checkpoint when due.
+        Returns the epoch's train figures, or None when a stop signal ended it (after a checkpoint)."""
         res = self._begin_epoch()
-        for w in self._windows(max_steps):
+        for w in self._windows():
             at_interval = self.step % self.cfg.train.log_interval == 0
             if at_interval:
                 record = {"kind": "interval", "loss": w.loss, "lr": self.lr, "res": res,
@@ -427,8 +397,8 @@ class Trainer:
         return out
 
     def evaluate(self, model: torch.nn.Module | None = None) -> dict:
-        return evaluate(model or self.model, self.val_loader, self.eval_aug, self.amp, self.dist,
-                        self.cfg.train.flip_tta)
+        """Top-1/top-5 on the val split of `model` (default: the raw model; the EMA's module also)."""
+        return self.eval_stack.evaluate(model)
 
     def _install_signal_handlers(self):
         def handler(signum, frame):
@@ -479,31 +449,6 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         return metrics
-
-
-@torch.no_grad()
-def evaluate(model, loader, augment, amp: torch.dtype | None, dist: DistInfo, flip_tta: bool = False) -> dict:
-    """Top-1/top-5 over the whole val split: each sample once across ranks, counts all-reduced."""
-    model.eval()
-    dev = dist.device
-    hits = torch.zeros(2, device=dev, dtype=torch.float64)  # correct@1, correct@5 (read once, at the end)
-    seen = 0
-    loader.set_epoch(0)
-    for batch in loader:
-        x, y = augment(batch.images, batch.targets)
-        with autocast(amp, dev):
-            logits = model(x).float()
-            if flip_tta:
-                logits = logits + model(x.flip(3)).float()
-        # timm's accuracy gives percentages of the batch; rounding turns them back into exact counts
-        top1, top5 = accuracy(logits, y, topk=(1, 5))
-        hits += torch.stack([top1, top5]).double().mul_(y.shape[0] / 100).round_()
-        seen += y.shape[0]
-    counts = torch.cat([hits, hits.new_full((1,), float(seen))])
-    if dist.distributed:
-        tdist.all_reduce(counts)
-    c1, c5, n = counts.tolist()
-    return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "num_samples": int(n)}
 
 
 def train_throughput(metrics_path: Path) -> float:

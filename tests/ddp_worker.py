@@ -26,10 +26,10 @@ def main(out: Path, overrides: list[str]) -> None:
         for mode in ("ddp", "no_allreduce"):
             trainer = Trainer(cfg, out / mode, dist)  # seeds everything: both modes start from the same weights
             if mode == "no_allreduce":
-                trainer.net = trainer.model
+                trainer.model = trainer.raw_model
             trainer.fit()
             if dist.is_main:
-                torch.save(trainer.model.state_dict(), out / f"{mode}.pt")
+                torch.save(trainer.raw_model.state_dict(), out / f"{mode}.pt")
     finally:
         shutdown()
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastrsb.run_cli import run_demo
+from fastrsb.demo import run_demo
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -293,10 +293,10 @@ def test_every_recipe_builds_on_cpu(recipe, small_dataset, tmp_path):
         extra.append(f"loss.kd_teacher={teacher}")
     cfg = load_config(CONFIGS / recipe, extra)
     tr = Trainer(cfg, tmp_path / "run", DistInfo())
-    assert tr.num_classes == 3 and tr.model.num_classes == 3
+    assert tr.num_classes == 3 and tr.raw_model.num_classes == 3
     batch = next(iter(tr.train_loader))
     x, y = tr.train_aug(batch.images, batch.targets)
-    loss = tr.criterion(x, tr.net(x), y)
+    loss = tr.criterion(x, tr.model(x), y)
     assert torch.isfinite(loss)
     loss.backward()
     tr.optimizer.step()

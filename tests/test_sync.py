@@ -101,7 +101,7 @@ def _trainer(tmp_path, device: str, *extra):
         "train.checkpoint_every_minutes=1000", *extra])
     tr = Trainer(cfg, tmp_path / "run", DistInfo(device=torch.device(device)))
     if device == "cpu":
-        to_device_memory(tr.model)
+        to_device_memory(tr.raw_model)
         to_device_memory(tr.ema.module)
     return tr
 
@@ -125,7 +125,7 @@ def _audited_epoch(tr, device: str, steps: int) -> tuple[SyncAudit, list[int]]:
 
     tr._close, tr.train_aug = paused_close, counted_augment
     with a:
-        tr.train_epoch(None, max_steps=steps)
+        tr.run_steps(steps)
     return a, per_batch
 
 

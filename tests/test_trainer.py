@@ -18,7 +18,8 @@ import torch
 
 from fastrsb.config import load_config
 from fastrsb.dist import DistInfo
-from fastrsb.trainer import NonFiniteLoss, autocast
+from fastrsb.precision import autocast
+from fastrsb.trainer import NonFiniteLoss
 
 pytestmark = pytest.mark.timeout(600)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -46,14 +47,14 @@ def test_mixed_precision_path_on_cpu(tmp_path, amp):
     batch = next(iter(tr.train_loader))
     x, _ = tr.train_aug(batch.images, batch.targets)
     with autocast(tr.amp, tr.dist.device):
-        assert x.dtype == dtype and tr.net(x).dtype == dtype
-    stats = tr.train_epoch(None, max_steps=2)
-    assert stats is not None and math.isfinite(stats["loss"]) and tr.step == 2
+        assert x.dtype == dtype and tr.model(x).dtype == dtype
+    windows = tr.run_steps(2)
+    assert all(math.isfinite(w.loss) for w in windows) and tr.step == 2
     if amp == "fp16":  # a scale and growth counter no fresh scaler has
         tr.scaler.update(new_scale=float(2 ** 7))
         tr.scaler._growth_tracker.fill_(5)
     path = tr.save_checkpoint()
-    tr.train_epoch(None, max_steps=1)  # before `again` exists: the RNGs (Mixup's is numpy's) are process-global
+    tr.run_steps(1)  # before `again` exists: the RNGs (Mixup's is numpy's) are process-global
     again = _synthetic_trainer(tmp_path / "again", f"train.amp={amp}", "augment.mixup_alpha=0.2")
     again.resume(str(path))
     if amp == "fp16":
@@ -61,8 +62,8 @@ def test_mixed_precision_path_on_cpu(tmp_path, amp):
     else:
         assert again.scaler.state_dict() == {}  # bf16 needs no loss scaling
     assert again.step == 2
-    again.train_epoch(None, max_steps=1)
-    _assert_same_weights(again.model, tr.model)
+    again.run_steps(1)
+    _assert_same_weights(again.raw_model, tr.raw_model)
 
 
 def test_resume_after_the_epochs_last_step(tmp_path):
@@ -81,7 +82,7 @@ def test_resume_after_the_epochs_last_step(tmp_path):
     assert again.step == ref.step == 6
     for key in ("loss", "val_top1", "val_top5", "ema_val_top1", "ema_val_top5"):
         assert resumed[key] == uninterrupted[key], key
-    _assert_same_weights(again.model, ref.model)
+    _assert_same_weights(again.raw_model, ref.raw_model)
     _assert_same_weights(again.ema.module, ref.ema.module)
 
 
@@ -97,7 +98,7 @@ def test_synthetic_backend_resumes_mid_epoch_bit_exact(tmp_path):
     ref = _synthetic_trainer(tmp_path / "ref", "train.epochs=2")
     uninterrupted = ref.fit()
     first = _synthetic_trainer(tmp_path / "first", "train.epochs=2")
-    first.train_epoch(None, max_steps=2)
+    first.run_steps(2)
     path = first.save_checkpoint()
     again = _synthetic_trainer(tmp_path / "again", "train.epochs=2")
     again.resume(str(path))
@@ -105,7 +106,7 @@ def test_synthetic_backend_resumes_mid_epoch_bit_exact(tmp_path):
     resumed = again.fit()
     for key in ("loss", "val_top1", "val_top5", "ema_val_top1", "ema_val_top5"):
         assert resumed[key] == uninterrupted[key], key
-    _assert_same_weights(again.model, ref.model)
+    _assert_same_weights(again.raw_model, ref.raw_model)
     _assert_same_weights(again.ema.module, ref.ema.module)
 
 
@@ -113,7 +114,7 @@ def test_synthetic_backend_resumes_mid_epoch_bit_exact(tmp_path):
 def test_checkpoint_refuses_non_finite_state_beyond_the_weights(tmp_path, where):
     """A NaN/inf anywhere a resumed run would read it stops the checkpoint, naming the tensor; nothing is written."""
     tr = _synthetic_trainer(tmp_path, "ema.enabled=true")
-    tr.train_epoch(None, max_steps=1)
+    tr.run_steps(1)
     assert tr.save_checkpoint() is not None  # finite: written
     before = sorted(tr.ckpt_dir.iterdir())
     with torch.no_grad():
@@ -121,15 +122,15 @@ def test_checkpoint_refuses_non_finite_state_beyond_the_weights(tmp_path, where)
             tr.ema.module.conv1[0].weight[0, 0, 0, 0] = float("nan")
             name = "ema.conv1.0.weight"
         elif where == "bn buffer":
-            tr.model.bn1.running_var[0] = float("inf")
+            tr.raw_model.bn1.running_var[0] = float("inf")
             name = "model.bn1.running_var"
         elif where == "ema bn buffer":
             tr.ema.module.bn1.running_mean[1] = float("-inf")
             name = "ema.bn1.running_mean"
         else:
-            buf = tr.optimizer.state[tr.model.fc.weight]["momentum_buffer"]
+            buf = tr.optimizer.state[tr.raw_model.fc.weight]["momentum_buffer"]
             buf[0, 0] = float("nan")
-            idx = [p is tr.model.fc.weight for g in tr.optimizer.param_groups for p in g["params"]].index(True)
+            idx = [p is tr.raw_model.fc.weight for g in tr.optimizer.param_groups for p in g["params"]].index(True)
             name = f"optimizer.{idx}.momentum_buffer"
     tr.step += 1  # another file name, so a written checkpoint would show
     with pytest.raises(NonFiniteLoss, match=re.escape(name)):
@@ -249,7 +250,7 @@ def test_non_finite_loss_stops_without_overwriting(small_dataset, ref_run, tmp_p
 
 def test_eval_and_average_commands(small_dataset, ref_run, tmp_path):
     from fastrsb.checkpoint import list_checkpoints
-    from fastrsb.run_cli import evaluate_checkpoint
+    from fastrsb.evaluation import evaluate_checkpoint
 
     final = _final(ref_run)
     newest = list_checkpoints(ref_run / "checkpoints")[0]
@@ -274,19 +275,15 @@ def test_eval_and_average_commands(small_dataset, ref_run, tmp_path):
             if v.is_floating_point():
                 torch.testing.assert_close(v, (scored[0][key][name] + scored[1][key][name]) / 2)
     # fastrsb eval of averaged.pt scores the mean weights (not one of the checkpoints it came from)
-    from fastrsb.augment import build_batch_augment
     from fastrsb.config import from_dict
-    from fastrsb.data import create_loader
-    from fastrsb.model import create_model
-    from fastrsb.trainer import evaluate
+    from fastrsb.evaluation import build_eval_stack
 
     cfg = from_dict(scored[0]["config"])
     cfg.data.path = str(small_dataset)
-    mean_model = create_model(cfg.model, 3, torch.device("cpu"))
-    mean_model.load_state_dict({k: (v + scored[1]["model"][k]) / 2 if v.is_floating_point() else v
-                                for k, v in scored[0]["model"].items()})
-    expect = evaluate(mean_model, create_loader(cfg, "val", DistInfo()),
-                      build_batch_augment(cfg.augment, 3, 0.0, torch.float32, False), None, DistInfo())
+    stack = build_eval_stack(cfg, DistInfo())
+    stack.model.load_state_dict({k: (v + scored[1]["model"][k]) / 2 if v.is_floating_point() else v
+                                 for k, v in scored[0]["model"].items()})
+    expect = stack.evaluate()
     assert evaluate_checkpoint(str(out / "averaged.pt"), str(small_dataset), device="cpu") == expect
     assert avg["num_classes"] == 3  # `fastrsb export` needs it
     r = subprocess.run([sys.executable, "-m", "fastrsb", "average", str(out), "--best", "3"], capture_output=True, text=True)
@@ -328,7 +325,7 @@ def _one_process_weights(tmp_path, *extra) -> tuple[dict, dict]:
 
     cfg = load_config(CONFIGS / "demo.yaml", [*DDP, f"data.batch_size={2 * DDP_BATCH}", *extra])
     tr = Trainer(cfg, tmp_path / "one_process", DistInfo())
-    return tr.model.state_dict(), tr.fit()
+    return tr.raw_model.state_dict(), tr.fit()
 
 
 def test_ranks_batches_make_up_the_one_process_batch():
