@@ -10,18 +10,19 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe or override names an unknown key or gives a value of the wrong type."""
+    """A recipe or override names an unknown key, gives a value of the wrong type or outside the allowed
+    ones, or settings that do not go together."""
 
 
 @dataclass
 class DataConfig:
-    backend: str = "ffcv"  # ffcv | dali | torch | synthetic
+    backend: Literal["ffcv", "dali", "torch", "synthetic"] = "ffcv"
     path: str = ""  # a directory written by `fastrsb convert` (holds manifest.json)
     batch_size: int = 256  # per process
     workers: int = 0  # decode workers per process; 0 = all cores / local world size
@@ -30,15 +31,15 @@ class DataConfig:
     crop_pct: float = 0.875  # val: resize shorter side to val_res / crop_pct, center crop val_res
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
-    interpolation: str = "bilinear"  # bilinear | bicubic (resize after crop)
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resize after crop
     num_repeats: int = 1  # repeated augmentation (DeiT/timm RepeatAugSampler); 1 = off
-    seed: int = 0
+    seed: int | None = None  # the sample order's and augmentation's seed; None: train.seed (one seed per run)
     prefetch: int = 4  # batches staged ahead of the consumer (DALI queue depth; cuda staging depth)
     # backend knobs
     ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (else ffcv's process cache)
     ffcv_batches_ahead: int = 3
     ffcv_quasi_random: bool = False  # only single-process; QUASI_RANDOM is not supported distributed
-    dali_decode: str = "auto"  # auto (mixed on cuda, cpu otherwise) | cpu | mixed
+    dali_decode: Literal["auto", "cpu", "mixed"] = "auto"  # auto: mixed (nvjpeg) on cuda, cpu otherwise
     synthetic_num_samples: int = 10000  # synthetic backend: pretend dataset size
     synthetic_num_classes: int = 1000
 
@@ -46,12 +47,12 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     randaugment: str = ""  # timm config string, e.g. rand-m7-mstd0.5-inc1; "" = off
-    randaugment_impl: str = "auto"  # auto (numba kernels on cpu, torch ops on cuda) | torch | numba (cpu only)
+    randaugment_impl: Literal["auto", "torch", "numba"] = "auto"  # auto: numba kernels on cpu, torch ops on cuda
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
-    mix_mode: str = "batch"  # batch | pair | elem (timm Mixup modes)
+    mix_mode: Literal["batch", "pair", "elem"] = "batch"  # timm's Mixup modes
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -82,7 +83,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "cosine"  # cosine | cyclic (ffcv triangular) | step
+    kind: Literal["cosine", "cyclic", "step"] = "cosine"  # cyclic: ffcv-imagenet's triangular
     warmup_epochs: float = 5.0
     warmup_start: float = 1e-4  # warmup starts at lr * warmup_start
     min_lr: float = 1e-6  # cosine floor (absolute)
@@ -94,7 +95,7 @@ class ScheduleConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "ce"  # ce | bce
+    kind: Literal["ce", "bce"] = "ce"
     label_smoothing: float = 0.0
     bce_target_threshold: float | None = None  # RSB: 0.2
     kd_teacher: str = ""  # local teacher weights (fastrsb or timm checkpoint, or a state_dict file); needed when kd_weight > 0
@@ -125,8 +126,8 @@ class ProgressiveConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto (bf16 on cuda, none on cpu) | bf16 | fp16 | none
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on cuda, none (fp32) on cpu
     seed: int = 0
     log_interval: int = 50  # steps between host syncs (metrics line, progress bar)
     checkpoint_every_epochs: int = 1
@@ -149,6 +150,11 @@ SECTIONS: dict[str, type] = {
     "progressive": ProgressiveConfig,
     "train": TrainConfig,
 }
+
+
+def allowed(section: type, key: str) -> tuple:
+    """The values a Literal config key allows, e.g. allowed(DataConfig, "backend")."""
+    return typing.get_args(typing.get_type_hints(section)[key])
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -181,6 +187,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, a, key) for v in value]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[0]):
+            return value
+        raise ConfigError(f"config key '{key}': expected one of {', '.join(map(str, allowed))}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -231,7 +242,47 @@ def make_config_class() -> type:
 
 
 def from_dict(values: dict) -> Any:
-    return _build(make_config_class(), values, "")
+    """A checked config from nested values (a recipe, a checkpoint's config): types, then validate()."""
+    cfg = _build(make_config_class(), values, "")
+    if cfg.data.seed is None:
+        cfg.data.seed = cfg.train.seed
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Any) -> None:
+    """What no single key's type can say: ranges, and settings that must go together. Runs on every
+    config made (load_config, from_dict), so a bad combination fails before any work, naming the keys."""
+    d, a, t, loss, p = cfg.data, cfg.augment, cfg.train, cfg.loss, cfg.progressive
+    for key, value in (("data.batch_size", d.batch_size), ("data.train_res", d.train_res), ("data.val_res", d.val_res),
+                       ("data.num_repeats", d.num_repeats), ("data.prefetch", d.prefetch), ("train.epochs", t.epochs),
+                       ("train.log_interval", t.log_interval), ("train.checkpoint_every_epochs", t.checkpoint_every_epochs),
+                       ("train.eval_every_epochs", t.eval_every_epochs), ("train.keep_checkpoints", t.keep_checkpoints)):
+        _require(value >= 1, f"{key} must be >= 1, got {value}")
+    _require(d.workers >= 0, f"data.workers must be >= 0 (0: all cores), got {d.workers}")
+    _require(0 < d.crop_pct <= 1, f"data.crop_pct must lie in (0, 1], got {d.crop_pct}")
+    _require(0 < d.scale[0] <= d.scale[1] <= 1, f"data.scale must be 0 < min <= max <= 1, got {list(d.scale)}")
+    _require(0 < d.ratio[0] <= d.ratio[1], f"data.ratio must be 0 < min <= max, got {list(d.ratio)}")
+    mixing = a.mixup_alpha > 0 or a.cutmix_alpha > 0
+    _require(not mixing or d.batch_size % 2 == 0,
+             f"augment.mixup_alpha/cutmix_alpha mix each image with another: data.batch_size must be even, got {d.batch_size}")
+    _require(0 <= loss.kd_weight <= 1, f"loss.kd_weight must lie in [0, 1], got {loss.kd_weight}")
+    _require(loss.kd_weight == 0 or bool(loss.kd_teacher),
+             f"loss.kd_teacher: loss.kd_weight={loss.kd_weight} distils from a teacher; set loss.kd_teacher to a local checkpoint")
+    if p.enabled:
+        _require(p.min_res <= p.max_res, f"progressive.min_res={p.min_res} > progressive.max_res={p.max_res}")
+        _require(p.start_ramp <= p.end_ramp, f"progressive.start_ramp={p.start_ramp} > progressive.end_ramp={p.end_ramp}")
+    _require(not (d.dali_decode == "mixed" and t.device == "cpu"),
+             "data.dali_decode=mixed decodes on a GPU (nvjpeg), but train.device=cpu; use data.dali_decode=cpu or auto")
+    _require(not (a.randaugment_impl == "numba" and t.device == "cuda"),
+             "augment.randaugment_impl=numba runs on the CPU, but train.device=cuda; use torch or auto")
+    _require(not (d.ffcv_quasi_random and d.num_repeats > 1),
+             "data.ffcv_quasi_random: ffcv's QUASI_RANDOM order cannot repeat samples (data.num_repeats > 1)")
 
 
 def to_dict(cfg: Any) -> dict:

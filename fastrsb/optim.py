@@ -49,8 +49,6 @@ def lr_at(step: float, steps_per_epoch: int, epochs: int, peak_lr: float, cfg: S
         e = math.floor(epoch)
         lo, hi = _ffcv_step_lr(e, epochs, peak_lr, cfg), _ffcv_step_lr(e + 1, epochs, peak_lr, cfg)
         return lo + (hi - lo) * (epoch - e)
-    if cfg.kind != "cosine":
-        raise ValueError(f"schedule.kind: expected cosine, cyclic or step, got {cfg.kind!r}")
     decay_end = epochs - cfg.cooldown_epochs
     if epoch >= decay_end:
         return cfg.min_lr
@@ -63,8 +61,6 @@ def resolution_at(epoch: int, cfg, default: int) -> int:
     in between linear and rounded to a multiple of `step`."""
     if not cfg.enabled:
         return default
-    if cfg.min_res > cfg.max_res:
-        raise ValueError(f"progressive.min_res={cfg.min_res} > progressive.max_res={cfg.max_res}")
     if epoch <= cfg.start_ramp:
         return cfg.min_res
     if epoch >= cfg.end_ramp:

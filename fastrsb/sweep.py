@@ -23,13 +23,13 @@ def run_sweep(config: str, data: str, out: str | Path, seeds: list[int], nproc: 
               overrides: list[str] | None = None) -> dict:
     """Train the recipe (with `overrides`) once per seed in OUT/seedN, each resumable (--resume auto), and
     summarise the final val metrics in OUT/sweep.json and the curves in OUT/sweep.png. Each run gets its
-    resolved config as OUT/seedN/recipe.yaml (train.seed and data.seed set), so the launched processes
+    resolved config as OUT/seedN/recipe.yaml (train.seed set, which data.seed follows), so the launched processes
     read the values themselves, not a re-typed command line."""
     out = Path(out)
     finals = {}
     for seed in seeds:
         run = out / f"seed{seed}"
-        cfg = load_config(config, overrides, values={"data": {"path": data, "seed": seed}, "train": {"seed": seed}})
+        cfg = load_config(config, overrides, values={"data": {"path": data}, "train": {"seed": seed}})
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         launcher = [sys.executable, "-m", "fastrsb"] if nproc == 1 else \

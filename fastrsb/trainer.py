@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import resource
 import signal
 import time
@@ -23,7 +22,6 @@ from tqdm import tqdm
 
 from fastrsb import checkpoint as ckpt
 from fastrsb.augment import build_batch_augment
-from fastrsb.augment.batch import numpy_rng_state, set_numpy_rng_state
 from fastrsb.config import to_dict
 from fastrsb.data import create_loader
 from fastrsb.dist import DistInfo
@@ -32,32 +30,11 @@ from fastrsb.losses import create_criterion
 from fastrsb.model import create_ema, wrap_model
 from fastrsb.optim import base_lr, create_optimizer, lr_at, resolution_at
 from fastrsb.precision import autocast
+from fastrsb.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN/inf; no checkpoint is written from this state."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    set_numpy_rng_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -120,7 +97,7 @@ class Trainer:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         t = cfg.train
-        seed_everything(t.seed * 1000 + dist.rank)
+        seed_everything(derive_seed(t.seed, "process", dist.rank))
         if dist.device.type == "cuda":
             torch.backends.cudnn.benchmark = t.cudnn_benchmark
         # every check that can fail runs here, before the first step
@@ -137,9 +114,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp is torch.float16)
         self.ema = create_ema(self.raw_model, cfg.ema)
         self.criterion = create_criterion(cfg.loss, cfg.model.name, self.num_classes, dist.device)
-        lr_at(0, self.steps_per_epoch, t.epochs, self.peak_lr, cfg.schedule)  # an unknown schedule fails here
         self.train_aug = build_batch_augment(cfg.augment, self.num_classes, cfg.loss.label_smoothing,
-                                             self.amp or torch.float32, True, seed=t.seed * 1000 + dist.rank)
+                                             self.amp or torch.float32, True,
+                                             seed=derive_seed(t.seed, "randaugment", dist.rank))
         self.model = wrap_model(self.raw_model, cfg.model, dist)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()

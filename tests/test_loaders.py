@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dataprep.layout import open_dataset
-from fastrsb.config import load_config
+from fastrsb.config import ConfigError, load_config
 from fastrsb.data import BACKENDS, LoaderError, create_loader
 from fastrsb.data.sampler import epoch_indices
 from fastrsb.dist import DistInfo
@@ -207,8 +207,8 @@ def test_set_resolution(small_dataset, backend):
 
 
 def test_clear_errors_before_work(small_dataset, tmp_path):
-    with pytest.raises(LoaderError, match="data.backend"):
-        create_loader(make_cfg(small_dataset, "webdataset"), "train", DistInfo())
+    with pytest.raises(ConfigError, match="data.backend"):  # allowed values are checked as the config is made
+        make_cfg(small_dataset, "webdataset")
     with pytest.raises(LoaderError, match="manifest.json"):
         create_loader(make_cfg(tmp_path, "dali"), "train", DistInfo())
     import shutil

@@ -91,8 +91,6 @@ class BatchAugment:
             self.randaugment = RandAugment.from_config(cfg.randaugment, seed=seed, impl=cfg.randaugment_impl)
         self.mixup = None
         if train and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
-            if cfg.mix_mode not in ("batch", "pair", "elem"):
-                raise ValueError(f"augment.mix_mode: expected batch, pair or elem, got {cfg.mix_mode!r}")
             self.mixup = BatchMixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
                                     switch_prob=cfg.mix_switch_prob, mode=cfg.mix_mode,
                                     label_smoothing=label_smoothing, num_classes=num_classes)
@@ -129,13 +127,3 @@ class BatchAugment:
 def build_batch_augment(cfg: AugmentConfig, num_classes: int, label_smoothing: float, dtype: torch.dtype,
                         train: bool, seed: int = 0) -> BatchAugment:
     return BatchAugment(cfg, num_classes, label_smoothing, dtype, train, seed)
-
-
-def numpy_rng_state() -> dict:
-    """numpy's global RNG state in a weights_only-loadable form (timm's Mixup draws from it)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached}
-
-
-def set_numpy_rng_state(state: dict) -> None:
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"]))

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataprep.layout import open_dataset
+from fastrsb.config import DataConfig, allowed
 from fastrsb.data.base import Batch, Loader
 from fastrsb.dist import DistInfo
 
-BACKENDS = ("ffcv", "dali", "torch", "synthetic")
+BACKENDS = allowed(DataConfig, "backend")
 _EXTRA = {"ffcv": "ffcv", "dali": "dali"}
 
 
@@ -16,15 +17,12 @@ class LoaderError(RuntimeError):
 def create_loader(cfg, split: str, dist: DistInfo) -> Loader:
     """The loader for `split` ('train' or 'val') of cfg.data on this rank.
 
-    Every check that can fail (backend, library, dataset files, manifest) runs here, before
-    any work starts. Loaders expose num_classes, num_samples and batch_size."""
+    Every check that can fail (library, dataset files, manifest) runs here, before any work starts;
+    the config's own values were checked when it was made (fastrsb.config). Loaders expose
+    num_classes, num_samples and batch_size."""
     data = cfg.data
-    if data.backend not in BACKENDS:
-        raise LoaderError(f"data.backend: unknown backend {data.backend!r} (choose from {', '.join(BACKENDS)})")
     if split not in ("train", "val"):
         raise LoaderError(f"split must be 'train' or 'val', got {split!r}")
-    if data.batch_size < 1:
-        raise LoaderError(f"data.batch_size must be >= 1, got {data.batch_size}")
     if data.backend == "synthetic":
         from fastrsb.data.synthetic import SyntheticLoader
 

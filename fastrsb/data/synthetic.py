@@ -14,6 +14,7 @@ import torch
 
 from fastrsb.data.base import Batch
 from fastrsb.data.common import SplitLoader, nhwc_to_batch
+from fastrsb.seeding import derive_seed
 
 
 class SyntheticLoader(SplitLoader):
@@ -27,7 +28,7 @@ class SyntheticLoader(SplitLoader):
     def _make_pool(self, res: int) -> None:
         dev = self.dist.device
         size = min(self.num_samples, self.MAX_POOL)
-        g = torch.Generator(device=dev).manual_seed(self.cfg.seed)
+        g = torch.Generator(device=dev).manual_seed(derive_seed(self.cfg.seed, "synthetic"))
         self._labels = torch.randint(0, self.num_classes, (size,), device=dev, generator=g)
         self._images = torch.randint(0, 256, (size, res, res, 3), dtype=torch.uint8, device=dev, generator=g)
 
