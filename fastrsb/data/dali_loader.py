@@ -4,6 +4,7 @@ DALI's CPU decoder without one. Same pipeline code for both; device is a paramet
 from __future__ import annotations
 
 import os
+from enum import Enum
 from typing import Iterator
 
 import numpy as np
@@ -48,6 +49,12 @@ class ShardSource:
         self.fds = []
 
 
+class PipelineState(Enum):
+    IDLE = "the source ran dry, the pipeline is empty"
+    RUNNING = "an epoch was started and may be unfinished (its prefetched batches sit in the pipeline)"
+    PRIMED = "the next epoch's first batches are already being decoded"
+
+
 class DaliBackend(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
@@ -61,11 +68,8 @@ class DaliBackend(SplitLoader):
         self.source = ShardSource(info.shard_locations(), info.labels, self.batch_size)
         self._pipe_res: int | None = None
         self._iter: DALIGenericIterator | None = None
-        # "idle": the source ran dry, the pipeline is empty; "running": an epoch was started and may
-        # be unfinished (its prefetched batches sit in the pipeline); "primed": the next epoch's first
-        # batches are already being decoded for the indices in self._primed
-        self._state = "idle"
-        self._primed: np.ndarray | None = None
+        self._state = PipelineState.IDLE
+        self._primed: np.ndarray | None = None  # PRIMED: the indices whose first batches are under way
 
     def _build(self, res: int) -> DALIGenericIterator:
         cfg, train = self.cfg, self.train
@@ -101,9 +105,9 @@ class DaliBackend(SplitLoader):
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
         same_res = self._iter is not None and self._pipe_res == self.resolution
-        if same_res and self._state == "primed" and np.array_equal(self._primed, indices):
+        if same_res and self._state is PipelineState.PRIMED and np.array_equal(self._primed, indices):
             pass  # the run-ahead guessed this epoch: its first batches are ready or under way
-        elif same_res and self._state == "idle":
+        elif same_res and self._state is PipelineState.IDLE:
             self.source.start(indices)  # before reset: resetting starts prefetching from the source
             self._iter.reset()
         else:  # first epoch, new resolution, or batches of another order left in the pipeline
@@ -111,7 +115,7 @@ class DaliBackend(SplitLoader):
             self._iter = None  # free the old pipeline's threads and buffers first
             self._iter = self._build(self.resolution)
             self._pipe_res = self.resolution
-        self._state, self._primed = "running", None
+        self._state, self._primed = PipelineState.RUNNING, None
         return to_device(self._outputs(), self.dist.device, self.cfg.prefetch)
 
     def _outputs(self):
@@ -121,7 +125,7 @@ class DaliBackend(SplitLoader):
         # us keep outputs for as long as we like (to_device holds `prefetch` of them).
         for out in self._iter:
             yield out[0]["images"], out[0]["labels"]
-        self._state = "idle"
+        self._state = PipelineState.IDLE
         # Run ahead into the next epoch as DALI's own readers do, so its first batches decode
         # while the trainer validates or checkpoints instead of after. The sampler is a pure
         # function, so the guess is exact unless the caller picks another epoch or resolution;
@@ -130,4 +134,4 @@ class DaliBackend(SplitLoader):
         if len(nxt):
             self.source.start(nxt)
             self._iter.reset()
-            self._state, self._primed = "primed", nxt
+            self._state, self._primed = PipelineState.PRIMED, nxt
