@@ -42,12 +42,8 @@ BENCH=("$PY" -m fastrsb bench)
 step environment $PY -c "import torch, timm, numba, fastrsb; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   'timm', timm.__version__, 'numba', numba.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
 step tests $PY -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_sync.py -k "$TESTS"
-for variant in channels_last no_channels_last compile; do
-  case $variant in
-    channels_last) flags=() ;;
-    no_channels_last) flags=(--no-channels-last) ;;
-    compile) flags=(--compile) ;;
-  esac
+for variant in $MODEL_VARIANTS; do
+  flags=($(model_flags "$variant"))
   step "model_$variant" "${BENCH[@]}" model --device "$DEV" --model "$MODEL" --res "$RES" --batch-size "$BS" --amp "$AMP" "${flags[@]}" \
     --steps "$STEPS" --repeats "$REPEATS" --json "$WORK/json/model_$variant.json"
 done

@@ -45,12 +45,8 @@ $PY -c 'import nvidia.dali' 2>/dev/null && BACKENDS="dali,$BACKENDS" || echo "no
 WORKERS=$(( $(nproc) / NPROC ))
 
 # model only: the ceiling any data path can reach (channels-last vs not, compile)
-for variant in channels_last no_channels_last compile; do
-  case $variant in
-    channels_last) flags=() ;;
-    no_channels_last) flags=(--no-channels-last) ;;
-    compile) flags=(--compile) ;;
-  esac
+for variant in $MODEL_VARIANTS; do
+  flags=($(model_flags "$variant"))
   step "model_$variant" "${BENCH[@]}" model --device cuda --model resnet50 --res 224 --batch-size 256 --amp bf16 \
     "${flags[@]}" --steps 30 --repeats 3 --json "$RES/model_$variant.json" --plot "$RES/model_$variant.png"
 done

@@ -18,3 +18,12 @@ step() {
   fi
   return $rc
 }
+
+# model_flags VARIANT: the `fastrsb bench model` flags of the variants both GPU scripts compare
+MODEL_VARIANTS="channels_last no_channels_last compile"
+model_flags() {
+  case $1 in
+    no_channels_last) echo --no-channels-last ;;
+    compile) echo --compile ;;
+  esac
+}
