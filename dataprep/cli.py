@@ -17,7 +17,7 @@ def _convert(args: argparse.Namespace) -> int:
             write_mode=args.write_mode, compress_probability=args.compress_probability,
             smart_threshold=args.smart_threshold, shard_size=args.shard_size, class_list=args.class_list,
             val_ground_truth=args.val_ground_truth, val_id_mapping=args.val_id_mapping, strict=args.strict,
-            progress=not args.no_progress,
+            progress=not args.no_progress, reencode=args.reencode,
         )
     except (ConversionError, SourceError) as e:
         print(f"fastrsb convert: error: {e}", file=sys.stderr)
@@ -48,13 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an image tree to FFCV .beton + DALI tar shards + manifest",
                        description="Convert ImageNet (or any class-per-folder tree) to FFCV and DALI formats. "
                        "Every image is decoded and checked first; undecodable files are skipped and reported. "
+                       "JPEGs that need no change are stored as they are, the rest re-encoded. "
                        "Re-running the same command resumes an interrupted conversion.")
     p.add_argument("src", help="dataset root with train/ (and val/), or a single class-per-folder tree")
     p.add_argument("out", help="output directory")
     p.add_argument("--formats", default="ffcv,dali", help="comma-separated: ffcv,dali (default both)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
     p.add_argument("--max-resolution", type=int, default=512, help="longer side of stored images (default 512)")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default 90)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--reencode", action="store_true",
+                   help="re-encode every image (default: baseline YCbCr JPEGs within --max-resolution that decode "
+                        "cleanly are stored byte for byte)")
     p.add_argument("--write-mode", default="jpg", choices=["jpg", "raw", "smart", "proportion"],
                    help="FFCV image storage (DALI shards are always JPEG)")
     p.add_argument("--compress-probability", type=float, default=0.5, help="FFCV 'proportion' mode: share stored as JPEG")

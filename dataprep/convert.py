@@ -1,8 +1,10 @@
 """`fastrsb convert`: a source tree -> FFCV .beton + DALI tar shards + manifest.
 
 Two passes per split:
- 1. Decode-check every candidate in a process pool, re-encode it as RGB JPEG (longer side
-    <= max_resolution, given quality) and write shards of `shard_size` candidates. Each
+ 1. Decode-check every candidate in a process pool; keep an eligible JPEG's own bytes
+    (dataprep.images: YCbCr, 8-bit, baseline, within max_resolution, decodes cleanly) or
+    re-encode it as RGB JPEG (longer side <= max_resolution, given quality; always with
+    --reencode), and write shards of `shard_size` candidates. Each
     finished shard gets a sidecar in OUT/.work/ (fingerprint of its inputs and settings),
     which is what makes a killed conversion resumable shard by shard.
  2. FFCV: a DatasetWriter over the checked samples. In `jpg` mode it stores the very JPEG
@@ -61,6 +63,7 @@ class Settings:
     compress_probability: float = 0.5
     smart_threshold: int | None = None
     shard_size: int = 1024
+    reencode: bool = False  # re-encode every image, even JPEGs that could be stored as they are
 
     def validate(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -82,21 +85,21 @@ def _fingerprint(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _prepare_one(cand: int, path: str, max_res: int, quality: int):
+def _prepare_one(cand: int, path: str, max_res: int, quality: int, reencode: bool):
     """(candidate, PreparedImage | reason str) for one source file."""
     try:
-        return cand, prepare_image(path, max_res, quality)
+        return cand, prepare_image(path, max_res, quality, reencode)
     except BadImage as e:
         return cand, str(e)
     except Exception as e:  # an unforeseen decoder failure must not stop the conversion
         return cand, f"decoder error: {type(e).__name__}: {e}"
 
 
-def _prepare_chunk(tasks: list[tuple[int, str, int, int]]):
+def _prepare_chunk(tasks: list[tuple[int, str, int, int, bool]]):
     return [_prepare_one(*t) for t in tasks]
 
 
-def _prepare_isolated(task: tuple[int, str, int, int]):
+def _prepare_isolated(task: tuple[int, str, int, int, bool]):
     """Run one file in a throw-away process: a decoder that kills its process (a segfault in a
     codec, the OOM killer) costs that file, not the conversion."""
     ctx = mp.get_context("fork")
@@ -234,7 +237,7 @@ class _Converter:
                 except OSError:
                     inputs.append([str(p), label, -1, -1])
             fp = _fingerprint({"v": FORMAT_VERSION, "max_res": self.s.max_resolution, "q": self.s.jpeg_quality,
-                               "start": start, "inputs": inputs})
+                               "as_is": not self.s.reencode, "start": start, "inputs": inputs})
             plan.append({"stem": shard_stem(split, j), "start": start, "chunk": chunk, "fingerprint": fp})
         return plan
 
@@ -250,16 +253,16 @@ class _Converter:
                 continue
             key = f"{cand:09d}"
             members.append(ShardMember(key, r.jpeg, label))
-            entries.append([key, str(path), label, r.height, r.width])
+            entries.append([key, str(path), label, r.height, r.width, r.reencode_reason])
         tar_bytes, idx_bytes = write_shard(self.out / tar_rel, self.out / idx_rel, members)
         offsets = read_wds_index(self.out / idx_rel)
         for e, comp in zip(entries, offsets):
-            e.extend(comp["jpg"])
+            e[5:5] = comp["jpg"]
         side = {
             "fingerprint": shard["fingerprint"],
             "tar": {"path": tar_rel, "size": len(tar_bytes), "sha256": hashlib.sha256(tar_bytes).hexdigest()},
             "index": {"path": idx_rel, "size": len(idx_bytes), "sha256": hashlib.sha256(idx_bytes).hexdigest()},
-            "entries": entries,  # [key, source, label, height, width, jpg offset, jpg size]
+            "entries": entries,  # [key, source, label, height, width, jpg offset, jpg size, re-encode reason ("" = as is)]
             "skipped": skipped,
         }
         atomic_write_json(self._sidecar(shard["stem"]), side)
@@ -270,7 +273,7 @@ class _Converter:
         sides: list[dict | None] = [self._reusable(sh["stem"], sh["fingerprint"]) for sh in plan]
         pending = [sh for sh, side in zip(plan, sides) if side is None]
         reused = len(plan) - len(pending)
-        todo = [(sh["start"] + k, str(p), self.s.max_resolution, self.s.jpeg_quality)
+        todo = [(sh["start"] + k, str(p), self.s.max_resolution, self.s.jpeg_quality, self.s.reencode)
                 for sh in pending for k, (p, _) in enumerate(sh["chunk"])]
         if reused:
             self.log(f"[convert] {split}: re-using {reused} finished shard(s) of {len(plan)}")
@@ -339,16 +342,20 @@ class _Converter:
             sides = self._pass1(split, samples)
             self._remove_stale_shards(split, len(sides))
             per_class = [0] * len(source.classes)
+            reencoded: dict[str, int] = {}
             rows = ["index\tkey\tlabel\tsource"]
             for sd in sides:
                 self.skipped.extend(sd["skipped"])
                 for e in sd["entries"]:
                     per_class[e[2]] += 1
                     rows.append(f"{len(rows) - 1}\t{e[0]}\t{e[2]}\t{e[1]}")
+                    if e[7]:
+                        reencoded[e[7]] = reencoded.get(e[7], 0) + 1
             num = sum(per_class)
             if num == 0:
                 raise ConversionError(f"split '{split}': every input was skipped; nothing to write")
-            info: dict = {"num_samples": num, "per_class": per_class}
+            info: dict = {"num_samples": num, "per_class": per_class, "stored_as_is": num - sum(reencoded.values()),
+                          "reencoded": sum(reencoded.values()), "reencode_reasons": dict(sorted(reencoded.items()))}
             if "dali" in self.s.formats:
                 info["dali_shards"] = [{"tar": sd["tar"]["path"], "index": sd["index"]["path"],
                                         "num_samples": len(sd["entries"])} for sd in sides]
@@ -367,7 +374,8 @@ class _Converter:
             shutil.rmtree(self.shard_dir, ignore_errors=True)
         self.skipped.sort(key=lambda d: d["path"])
         elapsed = time.time() - t0
-        summary = ", ".join(f"{k}: {v['num_samples']}" for k, v in splits.items())
+        summary = ", ".join(f"{k}: {v['num_samples']} ({v['stored_as_is']} stored as is, {v['reencoded']} re-encoded)"
+                            for k, v in splits.items())
         self.log(f"[convert] wrote {summary} samples; skipped {len(self.skipped)} of {total_in + len(source.unusable)} "
                  f"inputs in {elapsed:.1f}s")
         for sk in self.skipped:
@@ -403,9 +411,9 @@ def convert(src, out, *, formats=FORMATS, workers: int | None = None, max_resolu
             jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
             smart_threshold: int | None = None, shard_size: int = 1024, class_list=None,
             val_ground_truth=None, val_id_mapping=None, strict: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, reencode: bool = False) -> dict:
     s = Settings(tuple(formats), max_resolution, jpeg_quality, write_mode, compress_probability, smart_threshold,
-                 shard_size)
+                 shard_size, reencode)
     s.validate()
     workers = workers or os.cpu_count() or 1
     if workers < 1:

@@ -36,6 +36,9 @@ class DataConfig:
     seed: int | None = None  # the sample order's and augmentation's seed; None: train.seed (one seed per run)
     prefetch: int = 4  # batches staged ahead of the consumer (DALI queue depth; cuda staging depth)
     # backend knobs
+    # fastrsb: seeded crops, only the needed part of the JPEG decoded (DCT scale, cropped window), Pillow's
+    # bilinear/bicubic; ffcv: ffcv's own decoders (unseeded crops, cv2 INTER_AREA), kept for comparison
+    ffcv_decoder: Literal["fastrsb", "ffcv"] = "fastrsb"
     ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (else ffcv's process cache)
     ffcv_batches_ahead: int = 3
     ffcv_quasi_random: bool = False  # only single-process; QUASI_RANDOM is not supported distributed

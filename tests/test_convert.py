@@ -345,3 +345,106 @@ def test_a_decoder_that_kills_its_process_costs_only_that_file(tmp_path, monkeyp
     assert "crashed" in m["skipped"][0]["reason"]
     assert m["splits"]["train"]["num_samples"] == 35
     verify(tmp_path / "out", log=lambda s: None)
+
+
+def _stored_bytes(out: Path, split: str) -> list[tuple[bytes, bytes, str]]:
+    """(DALI shard bytes, .beton bytes, source path) of every sample of a split, in index order."""
+    from ffcv.reader import Reader
+
+    from dataprep.layout import read_wds_index
+
+    info = open_dataset(out).split(split)
+    shard = []
+    for sh in info.shards:
+        with open(out / sh["tar"], "rb") as f:
+            for e in read_wds_index(out / sh["index"]):
+                f.seek(e["jpg"][0])
+                shard.append(f.read(e["jpg"][1]))
+    reader = Reader(str(info.beton_path))
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    ptrs = reader.metadata[f"f{reader.field_names.index('image')}"]["data_ptr"]
+    with open(info.beton_path, "rb") as f:
+        beton = []
+        for p in ptrs.tolist():
+            f.seek(p)
+            beton.append(f.read(sizes[p]))
+    sources = [r.split("\t")[3] for r in (out / f"{split}.samples.tsv").read_text().splitlines()[1:]]
+    return list(zip(shard, beton, sources))
+
+
+def test_eligible_jpegs_are_stored_byte_for_byte_and_the_rest_reencoded(messy):
+    """Baseline YCbCr JPEGs within max resolution keep their bytes (sha256) in both formats; grayscale, CMYK,
+    progressive, oversized and non-JPEG inputs are re-encoded; the manifest counts both kinds by reason."""
+    import hashlib
+
+    src, out, m, truth = messy
+    as_is_names = {"cat_0.JPEG", "cat_3.JPEG", "dog_0.JPEG", "dog_3.JPEG", "eel_0.JPEG", "eel_3.JPEG",  # 37x53, 64x64
+                   "ünïcödé_名前.JPEG", "inner.JPEG"}
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    for split in ("train", "val"):
+        samples = _stored_bytes(out, split)
+        for shard, beton, source in samples:
+            assert shard == beton, source  # one set of bytes for both formats
+            name = Path(source).name
+            as_is = split == "val" or name in as_is_names
+            assert (sha(shard) == sha(Path(source).read_bytes())) == as_is, source
+        info = m["splits"][split]
+        assert info["stored_as_is"] + info["reencoded"] == info["num_samples"] == len(samples)
+    assert m["splits"]["val"]["stored_as_is"] == truth["good"]["val"] and m["splits"]["val"]["reencoded"] == 0
+    assert m["splits"]["train"]["stored_as_is"] == len(as_is_names)
+    assert m["splits"]["train"]["reencode_reasons"] == {"larger than max resolution": 6, "gray JPEG": 1, "cmyk JPEG": 1,
+                                                        "not a JPEG": 2, "progressive JPEG": 1}
+
+
+def test_reencode_flag_and_exif_rotation(tmp_path):
+    """--reencode re-encodes everything; a JPEG with an EXIF rotation is re-encoded even without it (DALI
+    would rotate its pixels, PIL and TurboJPEG would not). verify decodes every stored sample either way."""
+    from PIL import Image
+
+    src = tmp_path / "src"
+    make_good_tree(src, 2, size=(80, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    textured(80, 64, CLASS_COLOURS["cat"], 9).save(src / "cat" / "rotated.JPEG", quality=90, exif=exif)
+    kept = convert(src, tmp_path / "kept", formats=["dali"], workers=1, progress=False, log=lambda s: None)
+    assert kept["splits"]["train"]["stored_as_is"] == 6
+    assert kept["splits"]["train"]["reencode_reasons"] == {"EXIF-rotated JPEG": 1}
+    r = subprocess.run([sys.executable, "-m", "fastrsb", "convert", str(src), str(tmp_path / "all"), "--reencode",
+                        "--workers", "1", "--no-progress", "--formats", "ffcv,dali"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    forced = json.loads((tmp_path / "all" / MANIFEST).read_text())
+    assert forced["settings"]["reencode"] is True
+    assert forced["splits"]["train"]["reencode_reasons"] == {"--reencode": 7}
+    assert "0 stored as is, 7 re-encoded" in r.stdout
+    for root in (tmp_path / "kept", tmp_path / "all"):
+        verify(root, log=lambda s: None)
+
+
+def test_reencode_reasons_read_the_jpeg_header():
+    """The markers decide: frame type (SOF0/1 sequential, SOF2 progressive, SOF9 arithmetic), sample
+    precision, colour space (JFIF, Adobe transform, component ids) and size."""
+    import io
+
+    from PIL import Image
+
+    from dataprep.images import jpeg_header, reencode_reason
+
+    buf = io.BytesIO()
+    textured(64, 48, (90, 120, 60), 0).save(buf, format="JPEG", quality=90)
+    good = buf.getvalue()
+    assert reencode_reason(good, 512) == "" and jpeg_header(good).coding == "baseline"
+    assert reencode_reason(good, 63) == "larger than max resolution"
+    sof = good.index(b"\xff\xc0")
+
+    def patched(offset: int, value: int) -> bytes:
+        data = bytearray(good)
+        data[sof + offset] = value
+        return bytes(data)
+
+    assert reencode_reason(patched(1, 0xC9), 512) == "arithmetic JPEG"
+    assert reencode_reason(patched(1, 0xC3), 512) == "lossless JPEG"
+    assert reencode_reason(patched(4, 12), 512) == "12-bit JPEG"
+    assert reencode_reason(b"GIF89a" + good[2:], 512) == "not a JPEG"
+    rgb = io.BytesIO()
+    Image.open(io.BytesIO(good)).save(rgb, format="JPEG", quality=90, keep_rgb=True)  # components 'R','G','B', no JFIF
+    assert jpeg_header(rgb.getvalue()).colorspace == "rgb" and reencode_reason(rgb.getvalue(), 512) == "rgb JPEG"

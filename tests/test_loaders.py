@@ -103,35 +103,40 @@ def test_batch_contract(small_dataset, backend, split):
         assert sum(sizes) == info.num_samples  # every sample once, no padding
 
 
-@pytest.mark.parametrize("backend", FILE_BACKENDS)
+@pytest.mark.parametrize("backend", [*FILE_BACKENDS, "ffcv:ffcv"])
 def test_pixels_show_their_class_and_repeat_for_a_seed(small_dataset, backend):
     """Generated images carry their class colour: decoded pixels must agree with the labels.
-    Two loaders with one seed augment alike (textured images: a different crop shows)."""
+    Two loaders with one seed augment alike (textured images: a different crop shows).
+    "ffcv:ffcv" is data.ffcv_decoder=ffcv, ffcv's own decoders, kept for comparison."""
     from tests.datagen import CLASS_COLOURS
 
+    backend, _, decoder = backend.partition(":")
+    over = {"ffcv_decoder": decoder} if decoder else {}
     colours = torch.tensor([CLASS_COLOURS[c] for c in ("cat", "dog", "eel")], dtype=torch.float32)
-    imgs, tgts = collect(create_loader(make_cfg(small_dataset, backend), "train", DistInfo()))
+    imgs, tgts = collect(create_loader(make_cfg(small_dataset, backend, **over), "train", DistInfo()))
     x = torch.cat(imgs).float().mean(dim=(2, 3))
     nearest = torch.cdist(x, colours).argmin(1)
     assert torch.equal(nearest, torch.cat(tgts))
-    again, _ = collect(create_loader(make_cfg(small_dataset, backend), "train", DistInfo()))
+    again, _ = collect(create_loader(make_cfg(small_dataset, backend, **over), "train", DistInfo()))
     same_pixels = all(torch.equal(a, b) for a, b in zip(imgs, again))
-    # ffcv 1.0.2 draws its crop/flip randomness from numba's unseeded np.random in its worker
-    # threads: the order is ours and deterministic, the augmentation is not (upstream limitation)
-    assert same_pixels == (backend != "ffcv"), "same seed, same augmented pixels (dali, torch)"
+    # every backend seeds its augmentation (fastrsb's ffcv decoder and the torch backend per sample copy,
+    # DALI per pipeline); ffcv's own decoders draw from numba's unseeded np.random in their threads
+    assert same_pixels == (decoder != "ffcv"), "same seed, same augmented pixels"
 
 
 def test_backends_agree_on_val_images(small_dataset):
-    """Same geometry in every backend: resize shorter side to res/crop_pct, center crop res.
-    Resampling filters differ (ffcv: cv2 INTER_AREA, DALI: antialiased linear, torchvision: PIL
-    bilinear), so pixels agree to a few grey levels on these smooth images, not exactly."""
+    """Same geometry in every backend: resize shorter side to res/crop_pct, center crop res, bilinear.
+    fastrsb's ffcv decoder reproduces torchvision's Resize + CenterCrop to the bit on the same decoded
+    pixels, so what is left is the JPEG decode: TurboJPEG's fast integer IDCT (libffcv's flag) against
+    Pillow's accurate one. Measured on these images: ffcv-torch mean 0.73, max 4 grey levels; dali-torch
+    0.23, max 3 (ffcv's own decoder, cv2 INTER_AREA: mean 1.6, max 13)."""
     val = {b: torch.cat(collect(create_loader(make_cfg(small_dataset, b, crop_pct=0.875), "val", DistInfo()))[0]).float()
            for b in FILE_BACKENDS}
-    for a, b in [("ffcv", "dali"), ("ffcv", "torch"), ("dali", "torch")]:
-        diff = (val[a] - val[b]).abs().mean().item()
-        assert diff < 6.0, (a, b, diff)
+    for a, b, mean_bound in [("ffcv", "torch", 1.0), ("ffcv", "dali", 1.0), ("dali", "torch", 0.5)]:
+        diff = (val[a] - val[b]).abs()
+        assert diff.mean().item() < mean_bound and diff.max().item() <= 6, (a, b, diff.mean().item(), diff.max().item())
     # and a wrong geometry would be far off: flipping one backend's crops breaks the agreement
-    assert (val["ffcv"] - val["torch"].flip(-1)).abs().mean().item() > 2 * (val["ffcv"] - val["torch"]).abs().mean().item()
+    assert (val["ffcv"] - val["torch"].flip(-1)).abs().mean().item() > 10 * (val["ffcv"] - val["torch"]).abs().mean().item()
 
 
 @pytest.mark.parametrize("num_repeats", [1, 3])

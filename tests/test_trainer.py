@@ -177,10 +177,21 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_kill_and_resume_is_bit_exact(small_dataset, ref_run, tmp_path):
+@pytest.fixture(scope="module")
+def ffcv_ref_run(small_dataset, tmp_path_factory):
+    """The uninterrupted reference run of test_kill_and_resume_is_bit_exact[ffcv] (ref_run's, on ffcv)."""
+    out = tmp_path_factory.mktemp("ref_ffcv") / "run"
+    _run(small_dataset, out, *REF_ARGS, backend="ffcv")
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv"])
+def test_kill_and_resume_is_bit_exact(small_dataset, backend, request, tmp_path):
     """SIGKILL mid-epoch, resume from the last checkpoint: the same final weights and metrics as an
-    uninterrupted run (torch backend: per-sample seeded augmentation; CPU fp32)."""
-    p = _run(small_dataset, tmp_path / "killed", *REF_ARGS, start_new_session=True)
+    uninterrupted run (CPU fp32). Both backends key each sample's crop and flip on (seed, epoch, sample
+    index, copy): torch through torchvision's RNG, ffcv through fastrsb's decoder."""
+    ref_run = request.getfixturevalue("ref_run" if backend == "torch" else "ffcv_ref_run")
+    p = _run(small_dataset, tmp_path / "killed", *REF_ARGS, backend=backend, start_new_session=True)
     ckpts = tmp_path / "killed" / "checkpoints"
     t0 = time.time()
     # kill once a checkpoint from inside epoch 2 exists (epoch 1 ends at step 7)
@@ -189,7 +200,7 @@ def test_kill_and_resume_is_bit_exact(small_dataset, ref_run, tmp_path):
         time.sleep(0.02)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    r = _run(small_dataset, tmp_path / "killed", *REF_ARGS, "--resume=auto")
+    r = _run(small_dataset, tmp_path / "killed", *REF_ARGS, "--resume=auto", backend=backend)
     assert re.search(r"resumed from .* \(epoch 1, batch [1-6]\)", r.stdout), r.stdout  # mid-epoch
     ref, res = _final(ref_run), _final(tmp_path / "killed")
     for key in ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5", "loss"):

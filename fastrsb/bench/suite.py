@@ -142,10 +142,10 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    factories = []
+    factories, loaders = [], {}
     for backend in backends:
         cfg = _loader_cfg(data, backend, batch_size, res, workers)
-        loader = create_loader(cfg, "train", dist)
+        loader = loaders[backend] = create_loader(cfg, "train", dist)
 
         def epoch(i, loader=loader):
             loader.set_epoch(i)
@@ -160,6 +160,10 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
     timed = _time_round_robin(factories, repeats, epochs, sync)
     rows = [{"backend": name, **_summary(values), "per_round": [round(v, 1) for v in values]}
             for name, values in timed.items()]
+    for r in rows:  # fastrsb's ffcv decoder: the share of images decoded at each DCT scale, cropped first, ...
+        stats = getattr(loaders.get(r["backend"]), "decode_stats", None)
+        if stats is not None:
+            r["decode"] = stats.as_dict()
     if decode_limit:
         limit = summarize([decode_throughput(data, "train", workers) for _ in range(repeats)])
         rows.append({"backend": "decode limit (PIL/libjpeg-turbo, all workers)", "images_per_sec": limit["median"],

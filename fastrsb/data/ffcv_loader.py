@@ -1,22 +1,140 @@
-"""FFCV backend: decode + random-resized-crop + flip in FFCV's compiled pipeline, uint8 out,
-in the shared sampler's order (a custom TraversalOrder)."""
+"""FFCV backend: ffcv's Loader (memory-mapped .beton, compiled multi-threaded pipeline) in the
+shared sampler's order (a custom TraversalOrder), uint8 out.
+
+The image decoder is fastrsb's (data.ffcv_decoder=fastrsb, the default; fastrsb/data/ffcv_decode.py):
+seeded RandomResizedCrop boxes, a decode of only what the box needs (DCT scale, cropped window) and
+Pillow's bilinear/bicubic resize with the flip folded in. data.ffcv_decoder=ffcv runs ffcv's own
+decoders instead (unseeded crops, cv2 INTER_AREA), for comparison.
+"""
 from __future__ import annotations
 
+import ctypes
+import math
+from dataclasses import replace
 from itertools import islice
 from typing import Iterator
 
+import numba as nb
 import numpy as np
 
 from fastrsb.data.base import Batch
 from fastrsb.data.common import SplitLoader, nhwc_to_batch
-from fastrsb.data.sampler import num_batches
+from fastrsb.data.ffcv_decode import (
+    _CROPPED, _DECODE_ERROR, _DONE, _FALLBACK, INTERPOLATIONS, _load_i64, _store_i64, center_crop_geometry,
+    decode_into, flip_of, random_resized_crop,
+)
+from fastrsb.data.sampler import epoch_keys, num_batches
 
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import lib as ffcv_lib
 from ffcv.loader import Loader as FfcvLoader
 from ffcv.loader import OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
+
+_JPG = int(IMAGE_MODES["jpg"])
+# Each sample travels through ffcv as one row of an (n, 3) int64 table, [index, key, outcome]: ffcv
+# gets the index column (a strided view, which it slices into batches without copying), the decoder
+# reads the key and writes the outcome next to the index it was handed.
+_ROW_BYTES = 24
+_KEY_OFFSET, _OUTCOME_OFFSET = 8, 16
+
+
+# libffcv's imdecode (TurboJPEG, thread-local handles), called by address from the compiled decoder
+IMDECODE = ctypes.cast(ffcv_lib.imdecode, ctypes.c_void_p).value
+_decode_into = decode_into.ctypes
+
+
+@nb.njit(nogil=True)
+def _unseeded_key() -> np.int64:
+    """For ffcv's own QUASI_RANDOM order, which hands the decoder bare indices (no keys)."""
+    return np.random.randint(-(2 ** 62), 2 ** 62)
+
+
+class FastrsbDecoder(Operation):
+    """ffcv decoder for RGBImageField: train = seeded RandomResizedCrop + flip, val = torchvision's
+    Resize(res / crop_pct) + CenterCrop(res); both decode only what the box needs and resize with
+    Pillow's filter (`interpolation`: bilinear | bicubic)."""
+
+    def __init__(self, output_size: tuple[int, int], train: bool, interpolation: str, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875):
+        super().__init__()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"data.interpolation: expected one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+        self.output_size, self.train = tuple(output_size), train
+        self.bicubic = interpolation == "bicubic"
+        self.scale, self.ratio, self.crop_pct = tuple(scale), tuple(ratio), crop_pct
+
+    def declare_state_and_memory(self, previous_state):
+        shape = (*self.output_size, 3)
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1")), \
+            AllocationQuery(shape, np.dtype("u1"))
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        train, bicubic = self.train, self.bicubic
+        out_h, out_w = self.output_size
+        scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
+        log_ratio_lo, log_ratio_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        crop_pct = float(self.crop_pct)
+        jpg, imdecode = _JPG, IMDECODE
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            rows = np.intp(batch_indices.ctypes.data)
+            stride = batch_indices.strides[0]
+            keyed = stride == _ROW_BYTES
+            for k in my_range(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.int64(field["height"]), np.int64(field["width"])
+                if train:
+                    key = _load_i64(rows + k * stride + _KEY_OFFSET) if keyed else _unseeded_key()
+                    top, left, h, w = random_resized_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
+                                                          np.uint64(key))
+                    x_in0, x_scale, x_offset = float(left), w / out_w, 0.0
+                    y_in0, y_scale, y_offset = float(top), h / out_h, 0.0
+                    flip = flip_of(np.uint64(key))
+                else:
+                    y_scale, y_offset, x_scale, x_offset = center_crop_geometry(height, width, out_h, crop_pct)
+                    x_in0 = y_in0 = 0.0
+                    flip = False
+                out = destination[k]
+                outcome = _decode_into(imdecode, np.intp(data.ctypes.data), data.size, field["mode"] == jpg, height,
+                                       width, x_in0, x_scale, x_offset, y_in0, y_scale, y_offset, bicubic, flip,
+                                       np.intp(out.ctypes.data), out_h, out_w)
+                if keyed:
+                    _store_i64(rows + k * stride + _OUTCOME_OFFSET, outcome)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class DecodeStats:
+    """How the epoch's images were decoded, from the outcome the decoder leaves next to each key."""
+
+    def __init__(self):
+        self.by_scale = np.zeros(4, np.int64)  # whole, 1/2, 1/4, 1/8
+        self.cropped = self.fallback = self.decode_errors = 0
+
+    def add(self, outcomes: np.ndarray) -> None:
+        self.by_scale += np.bincount(outcomes & 0xFF, minlength=4)[:4]
+        self.cropped += int(np.count_nonzero(outcomes & _CROPPED))
+        self.fallback += int(np.count_nonzero(outcomes & _FALLBACK))
+        self.decode_errors += int(np.count_nonzero(outcomes & _DECODE_ERROR))
+
+    def as_dict(self) -> dict:
+        n = int(self.by_scale.sum())
+        return {"images": n, "fraction_at_scale": {f"1/{1 << s}": (float(c) / n if n else 0.0)
+                                                   for s, c in enumerate(self.by_scale)},
+                "fraction_cropped": self.cropped / n if n else 0.0, "crop_fallbacks": self.fallback,
+                "decode_errors": self.decode_errors}
 
 
 class SharedOrder(TraversalOrder):
@@ -32,15 +150,21 @@ class SharedOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.owner.pending_indices
+        return self.owner.pending_order
 
 
 class FfcvBackend(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
-        self.pending_indices = self.indices(start_batch=0)
+        self.ours = cfg.ffcv_decoder == "fastrsb"
+        self.decode_stats = DecodeStats()
+        self._table = np.zeros((0, 3), np.int64)
+        self.pending_order = self._order(self.indices(start_batch=0))
         res = self.resolution
-        if self.train:
+        if self.ours:
+            self.decoder = FastrsbDecoder((res, res), self.train, cfg.interpolation, cfg.scale, cfg.ratio, cfg.crop_pct)
+            image = [ToTensor()]
+        elif self.train:
             self.decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
             image = [self.decoder, RandomHorizontalFlip(), ToTensor()]
         else:
@@ -56,7 +180,8 @@ class FfcvBackend(SplitLoader):
                 raise ValueError("data.ffcv_quasi_random: ffcv's QUASI_RANDOM order supports neither distributed runs "
                                  "nor repeated augmentation (data.num_repeats)")
             # memory-friendly order for datasets larger than RAM. It bypasses the shared order: the
-            # other backends see other images, and a resumed epoch has the right length, not the same images
+            # other backends see other images, a resumed epoch has the right length, not the same
+            # images, and the crops are not seeded (ffcv hands the decoder bare indices)
             order = OrderOption.QUASI_RANDOM
         else:
             order = SharedOrder(self)
@@ -64,7 +189,24 @@ class FfcvBackend(SplitLoader):
         self.loader = FfcvLoader(str(info.beton_path), batch_size=self.batch_size, num_workers=self.workers,
                                  os_cache=cfg.ffcv_os_cache, order=order, seed=cfg.seed, drop_last=self.train,
                                  batches_ahead=cfg.ffcv_batches_ahead,
-                                 pipelines={"image": image, "label": label})
+                                 pipelines={"image": PipelineSpec("image", self.decoder, image) if self.ours else image,
+                                            "label": label})
+
+    def _order(self, indices: np.ndarray) -> np.ndarray:
+        """The index column of a fresh [index, key, outcome] table for this epoch's indices (only the
+        index itself for ffcv's own decoders)."""
+        if not self.ours:
+            return indices
+        bs = self.batch_size
+        table = np.zeros((len(indices), 3), np.int64)
+        table[:, 0] = indices
+        table[:, 1] = epoch_keys(self.num_samples, seed=self.cfg.seed, epoch=self.epoch, rank=self.dist.rank,
+                                 world_size=self.dist.world_size, batch_size=bs,
+                                 num_repeats=self.cfg.num_repeats if self.train else 1, shuffle=self.train,
+                                 drop_last=self.train,
+                                 start_batch=(self.epoch_length - len(indices)) // bs).view(np.int64)
+        self._table = table
+        return table[:, 0]
 
     def set_resolution(self, px: int) -> None:
         super().set_resolution(px)
@@ -73,10 +215,27 @@ class FfcvBackend(SplitLoader):
             self.loader.recompile = True  # buffers are sized at compile time
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
-        self.pending_indices = indices
-        it = iter(self.loader)
+        self.pending_order = self._order(indices)
+        table = self._table
+        epoch = iter(self.loader)
         self.loader.recompile = False
+        it = epoch
         if self.quasi_random and len(indices) < self.epoch_length:  # resumed: the remaining length, other images
             it = islice(it, num_batches(len(indices), self.batch_size, self.train))
-        for images, labels in it:
-            yield nhwc_to_batch(images, labels)
+        bs = self.batch_size
+        try:
+            for b, (images, labels) in enumerate(it):
+                if self.ours and not self.quasi_random:
+                    outcomes = table[b * bs:b * bs + images.shape[0], 2]
+                    if not np.all(outcomes & _DONE):
+                        raise RuntimeError("fastrsb's ffcv decoder did not receive the keyed sample order (ffcv copied "
+                                           "it?): crops cannot be seeded; this ffcv version is not supported "
+                                           "(use data.ffcv_decoder=ffcv)")
+                    self.decode_stats.add(outcomes)
+                yield nhwc_to_batch(images, labels)
+        finally:
+            # An epoch left early (a benchmark window, a test's next()) leaves ffcv's worker thread filling its
+            # queue, and that thread reads loader.code before every batch: after a recompile (set_resolution) it
+            # would run the new code on its old, smaller buffers. Stop it (it notices within 0.5 s) before going on.
+            epoch.close()
+            epoch.join()

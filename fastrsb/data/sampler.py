@@ -33,14 +33,19 @@ def repeat_aug_length(num_samples: int, world_size: int, num_repeats: int, selec
     return min(selected, per_rank_total)
 
 
-def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
-    """This rank's sample indices for the epoch, from batch `start_batch` on.
+def epoch_samples(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True,
+                  start_batch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, copies): this rank's sample indices for the epoch from batch `start_batch` on, and
+    which copy of its image each one is (0 .. num_repeats - 1, counted in the epoch's global order;
+    a copy that wraps around to pad the epoch counts on from num_repeats).
 
     Train (shuffle, drop_last): a seeded permutation, sharded across ranks, cut to whole batches.
     With num_repeats > 1 every image appears num_repeats times in a row in the global order and
     the copies are dealt to consecutive ranks, so they land on different ranks.
     Val (shuffle=False, drop_last=False): every sample exactly once across ranks, no padding.
+    A copy is the same (image, copy) pair whatever the world size, which is what lets a sample's
+    augmentation be keyed on it (augmentation_keys).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -52,13 +57,57 @@ def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_s
         total = math.ceil(num_samples * num_repeats / world_size) * world_size
         picks = np.arange(rank, total, world_size)[: repeat_aug_length(num_samples, world_size, num_repeats)]
         mine = order[picks % len(order)]  # wraps around to pad, as timm does
+        copies = picks // len(order) * num_repeats + picks % len(order) % num_repeats
     elif drop_last:
         mine = order[rank: num_samples - num_samples % world_size: world_size]
+        copies = np.zeros(len(mine), np.int64)
     else:
         mine = order[rank::world_size]
+        copies = np.zeros(len(mine), np.int64)
     if drop_last:
-        mine = mine[: len(mine) // batch_size * batch_size]
-    return mine[start_batch * batch_size:]
+        keep = len(mine) // batch_size * batch_size
+        mine, copies = mine[:keep], copies[:keep]
+    return mine[start_batch * batch_size:], copies[start_batch * batch_size:]
+
+
+def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
+    """This rank's sample indices for the epoch, from batch `start_batch` on (see epoch_samples)."""
+    return epoch_samples(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size, batch_size=batch_size,
+                         num_repeats=num_repeats, shuffle=shuffle, drop_last=drop_last, start_batch=start_batch)[0]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def augmentation_keys(seed: int, epoch: int, indices: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """A uint64 key per sample, a hash of (seed, epoch, sample index, copy): the seed of that
+    sample's augmentation draws in every backend. It names the sample copy, not its place in the
+    epoch, so the same seed gives the same pixels whatever the rank, world size, worker count or
+    resume point."""
+    indices = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    copies = np.asarray(copies, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        k = _mix64(np.full(len(indices), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64) + _GOLDEN)
+        k = _mix64(k ^ (np.uint64(epoch) * _GOLDEN + np.uint64(1)))
+        k = _mix64(k ^ (indices * _GOLDEN + np.uint64(2)))
+        return _mix64(k ^ (copies * _GOLDEN + np.uint64(3)))
+
+
+def epoch_keys(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+               num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
+    """The augmentation key of each sample epoch_indices returns for the same arguments."""
+    indices, copies = epoch_samples(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                    batch_size=batch_size, num_repeats=num_repeats, shuffle=shuffle,
+                                    drop_last=drop_last, start_batch=start_batch)
+    return augmentation_keys(seed, epoch, indices, copies)
 
 
 def num_batches(num_indices: int, batch_size: int, drop_last: bool) -> int:

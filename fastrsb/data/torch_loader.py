@@ -18,6 +18,7 @@ from torchvision import transforms as T
 
 from fastrsb.data.base import Batch
 from fastrsb.data.common import SplitLoader, to_device
+from fastrsb.data.sampler import epoch_keys
 
 _INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
@@ -41,10 +42,10 @@ class ShardDataset(Dataset):
         return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
 
     def __getitem__(self, item: tuple[int, int, int]):
-        """item = (sample index, augmentation seed, resolution). Seeding each sample makes the
-        augmentation a pure function of (seed, epoch, rank, position in epoch): independent of the
-        worker count, and exact when a run resumes mid-epoch. The resolution travels with the item
-        because persistent workers hold their own copy of the dataset."""
+        """item = (sample index, augmentation seed, resolution). Each sample is seeded with its key
+        (sampler.augmentation_keys: seed, epoch, sample index, copy), so its augmentation is the
+        same whatever the worker count, rank or world size, and when a run resumes mid-epoch. The
+        resolution travels with the item because persistent workers hold their own copy of the dataset."""
         i, seed, res = item
         tf = self._transforms.get(res)
         if tf is None:
@@ -118,8 +119,9 @@ class TorchLoader(SplitLoader):
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
         bs, res = self.batch_size, self.resolution
-        first = self.epoch_length - len(indices)  # position of indices[0] in the whole epoch (resume)
-        base = (self.cfg.seed * 1_000_003 + self.epoch) * 1_000_003 + self.dist.rank * 100_003
-        items = [(int(i), base + first + k, res) for k, i in enumerate(indices)]
+        keys = epoch_keys(self.num_samples, seed=self.cfg.seed, epoch=self.epoch, rank=self.dist.rank,
+                          world_size=self.dist.world_size, batch_size=bs, num_repeats=self.cfg.num_repeats if self.train else 1,
+                          shuffle=self.train, drop_last=self.train, start_batch=(self.epoch_length - len(indices)) // bs)
+        items = [(int(i), int(key), res) for i, key in zip(indices, keys)]
         self.batch_sampler.batches = [items[k:k + bs] for k in range(0, len(items), bs)]
         return to_device(self.loader, self.dist.device, self.cfg.prefetch)
