@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.imagenet_like import make_imagenet_like
-from dataprep.convert import convert
+from dataprep.convert import Settings, convert
 from fastrsb.bench.report import plot_bars, print_table, summarize, write_result
 
 
@@ -56,9 +56,9 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 cpu0 = _cpu_seconds()
                 t0 = time.perf_counter()
-                manifests.append(convert(src, out, formats=args.formats.split(","), workers=w,
-                                         max_resolution=args.max_resolution, reencode=mode == "reencode",
-                                         progress=False, log=lambda s: None))
+                settings = Settings(formats=args.formats.split(","), max_resolution=args.max_resolution,
+                                    reencode=mode == "reencode")
+                manifests.append(convert(src, out, settings, workers=w, progress=False, log=lambda s: None))
                 wall = time.perf_counter() - t0
                 per_cpu_second.append(n / (_cpu_seconds() - cpu0))
                 return n / wall

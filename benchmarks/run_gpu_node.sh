@@ -17,7 +17,7 @@ PY=.venv/bin/python
 GPUS=$($PY -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)') || exit 2
 if [ "$GPUS" -eq 0 ]; then
   echo "run_gpu_node.sh: torch sees no GPU on $(hostname); this suite measures GPUs. On a CPU use the" \
-       "commands in README.md's Measured table, or benchmarks/device_check.sh for a CPU smoke run." >&2
+       "commands in docs/benchmarks.md's Measured table, or benchmarks/device_check.sh for a CPU smoke run." >&2
   exit 2
 fi
 NPROC=${2:-$GPUS}

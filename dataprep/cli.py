@@ -6,19 +6,17 @@ import sys
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from dataprep.convert import ConversionError, convert
+    from dataprep.convert import ConversionError, Settings, convert
     from dataprep.sources import SourceError
 
+    settings = Settings(formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+                        max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
+                        compress_probability=args.compress_probability, smart_threshold=args.smart_threshold,
+                        shard_size=args.shard_size, reencode=args.reencode)
     try:
-        convert(
-            args.src, args.out,
-            formats=[f.strip() for f in args.formats.split(",") if f.strip()],
-            workers=args.workers, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
-            write_mode=args.write_mode, compress_probability=args.compress_probability,
-            smart_threshold=args.smart_threshold, shard_size=args.shard_size, class_list=args.class_list,
-            val_ground_truth=args.val_ground_truth, val_id_mapping=args.val_id_mapping, strict=args.strict,
-            progress=not args.no_progress, reencode=args.reencode,
-        )
+        convert(args.src, args.out, settings, workers=args.workers, class_list=args.class_list,
+                val_ground_truth=args.val_ground_truth, val_id_mapping=args.val_id_mapping, strict=args.strict,
+                progress=not args.no_progress)
     except (ConversionError, SourceError) as e:
         print(f"fastrsb convert: error: {e}", file=sys.stderr)
         return 2

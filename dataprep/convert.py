@@ -26,7 +26,7 @@ import types
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,7 @@ from dataprep.images import BadImage, PreparedImage, load_rgb, prepare_image
 from dataprep.layout import (
     FORMAT_VERSION,
     MANIFEST,
+    atomic_write,
     atomic_write_bytes,
     read_wds_index,
     atomic_write_json,
@@ -47,6 +48,7 @@ from dataprep.shards import ShardMember, write_shard
 from dataprep.sources import scan_source
 
 FORMATS = ("ffcv", "dali")
+_SIDECAR_VERSION = 2  # 2: samples as named records (StoredSample); a sidecar of another version is redone
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 
 
@@ -64,6 +66,9 @@ class Settings:
     smart_threshold: int | None = None
     shard_size: int = 1024
     reencode: bool = False  # re-encode every image, even JPEGs that could be stored as they are
+
+    def __post_init__(self):
+        object.__setattr__(self, "formats", tuple(self.formats))  # a list from a caller: hashable, and JSON alike
 
     def validate(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
@@ -137,26 +142,59 @@ def _prepared_in_order(todo: list, workers: int, chunk: int = 8):
                 yield _prepare_isolated(task)
 
 
-class _FfcvSamples:
-    """Indexable (image, label) source for ffcv's DatasetWriter over the checked samples."""
+@dataclass(frozen=True)
+class StoredSample:
+    """One converted sample, as its shard's sidecar (OUT/.work/STEM.json) records it."""
 
-    def __init__(self, entries: list[tuple[str, int, int, int, int, int, str]], from_shards: bool):
-        self.entries = entries  # (tar path, offset, size, height, width, label, source path)
+    key: str  # its name in the tar shard (the candidate number)
+    source: str  # the source file
+    label: int
+    height: int
+    width: int
+    reencode_reason: str  # "" when the source's own bytes are stored (dataprep.images.reencode_reason)
+    offset: int = -1  # of its JPEG bytes in the shard's tar
+    size: int = -1
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """A finished shard: its files and its samples, the unit a resumed conversion re-uses."""
+
+    fingerprint: str
+    tar: dict  # {"path" (relative to OUT), "size", "sha256"}
+    index: dict
+    samples: list[StoredSample]
+    skipped: list[dict]  # {"path", "reason"}
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "samples": [asdict(e) for e in self.samples]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> _Shard:
+        return cls(**{**d, "samples": [StoredSample(**e) for e in d["samples"]]})
+
+
+class _FfcvSamples:
+    """Indexable (image, label) source for ffcv's DatasetWriter over the checked samples: the stored JPEG
+    bytes read back from the shards (jpg mode), or the source decoded again (raw pixels for the other modes)."""
+
+    def __init__(self, samples: list[tuple[Path, StoredSample]], from_shards: bool):
+        self.samples = samples  # (its shard's tar, the sample)
         self.from_shards = from_shards
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.samples)
 
     def __getitem__(self, i: int):
-        tar, offset, size, h, w, label, src = self.entries[i]
+        tar, e = self.samples[i]
         if self.from_shards:
             fd = os.open(tar, os.O_RDONLY)
             try:
-                data = os.pread(fd, size, offset)
+                data = os.pread(fd, e.size, e.offset)
             finally:
                 os.close(fd)
-            return PreparedImage(data, h, w), label
-        return load_rgb(src), label
+            return PreparedImage(data, e.height, e.width), e.label
+        return load_rgb(e.source), e.label
 
 
 def _encode_prepared(self, destination, image, malloc):
@@ -189,13 +227,8 @@ def _write_beton(path: Path, samples: _FfcvSamples, s: Settings, workers: int) -
     )
     if samples.from_shards:
         image.encode = types.MethodType(_encode_prepared, image)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.unlink(missing_ok=True)
-    writer = DatasetWriter(str(partial), {"image": image, "label": IntField()}, num_workers=workers)
-    writer.from_indexed_dataset(samples, chunksize=64)
-    with open(partial, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    atomic_write(path, lambda tmp: DatasetWriter(str(tmp), {"image": image, "label": IntField()}, num_workers=workers)
+                 .from_indexed_dataset(samples, chunksize=64))
 
 
 class _Converter:
@@ -212,18 +245,19 @@ class _Converter:
     def _sidecar(self, stem: str) -> Path:
         return self.work / f"{stem}.json"
 
-    def _reusable(self, stem: str, fp: str) -> dict | None:
+    def _reusable(self, stem: str, fp: str) -> _Shard | None:
         try:
             side = json.loads(self._sidecar(stem).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if side.get("fingerprint") != fp:
-            return None
-        for key in ("tar", "index"):
-            p = self.out / side[key]["path"]
-            if not p.is_file() or p.stat().st_size != side[key]["size"]:
+            if side.get("fingerprint") != fp:
                 return None
-        return side
+            shard = _Shard.from_json(side)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+        for f in (shard.tar, shard.index):
+            p = self.out / f["path"]
+            if not p.is_file() or p.stat().st_size != f["size"]:
+                return None
+        return shard
 
     def _plan(self, split: str, samples: list[tuple[Path, int]]) -> list[dict]:
         plan = []
@@ -236,13 +270,13 @@ class _Converter:
                     inputs.append([str(p), label, st.st_size, st.st_mtime_ns])
                 except OSError:
                     inputs.append([str(p), label, -1, -1])
-            fp = _fingerprint({"v": FORMAT_VERSION, "max_res": self.s.max_resolution, "q": self.s.jpeg_quality,
-                               "as_is": not self.s.reencode, "start": start, "inputs": inputs})
+            fp = _fingerprint({"v": FORMAT_VERSION, "sidecar": _SIDECAR_VERSION, "max_res": self.s.max_resolution,
+                               "q": self.s.jpeg_quality, "as_is": not self.s.reencode, "start": start, "inputs": inputs})
             plan.append({"stem": shard_stem(split, j), "start": start, "chunk": chunk, "fingerprint": fp})
         return plan
 
-    def _finish_shard(self, shard: dict, results: dict[int, object]) -> dict:
-        members, entries, skipped = [], [], []
+    def _finish_shard(self, shard: dict, results: dict[int, object]) -> _Shard:
+        members, samples, skipped = [], [], []
         tar_rel = os.path.relpath(self.shard_dir / f"{shard['stem']}.tar", self.out)
         idx_rel = os.path.relpath(self.shard_dir / f"{shard['stem']}.idx", self.out)
         for k, (path, label) in enumerate(shard["chunk"]):
@@ -253,24 +287,22 @@ class _Converter:
                 continue
             key = f"{cand:09d}"
             members.append(ShardMember(key, r.jpeg, label))
-            entries.append([key, str(path), label, r.height, r.width, r.reencode_reason])
+            samples.append(StoredSample(key, str(path), label, r.height, r.width, r.reencode_reason))
         tar_bytes, idx_bytes = write_shard(self.out / tar_rel, self.out / idx_rel, members)
         offsets = read_wds_index(self.out / idx_rel)
-        for e, comp in zip(entries, offsets):
-            e[5:5] = comp["jpg"]
-        side = {
-            "fingerprint": shard["fingerprint"],
-            "tar": {"path": tar_rel, "size": len(tar_bytes), "sha256": hashlib.sha256(tar_bytes).hexdigest()},
-            "index": {"path": idx_rel, "size": len(idx_bytes), "sha256": hashlib.sha256(idx_bytes).hexdigest()},
-            "entries": entries,  # [key, source, label, height, width, jpg offset, jpg size, re-encode reason ("" = as is)]
-            "skipped": skipped,
-        }
-        atomic_write_json(self._sidecar(shard["stem"]), side)
-        return side
+        done = _Shard(
+            fingerprint=shard["fingerprint"],
+            tar={"path": tar_rel, "size": len(tar_bytes), "sha256": hashlib.sha256(tar_bytes).hexdigest()},
+            index={"path": idx_rel, "size": len(idx_bytes), "sha256": hashlib.sha256(idx_bytes).hexdigest()},
+            samples=[replace(e, offset=comp["jpg"][0], size=comp["jpg"][1]) for e, comp in zip(samples, offsets)],
+            skipped=skipped,
+        )
+        atomic_write_json(self._sidecar(shard["stem"]), done.to_json())
+        return done
 
-    def _pass1(self, split: str, samples: list[tuple[Path, int]]) -> list[dict]:
+    def _pass1(self, split: str, samples: list[tuple[Path, int]]) -> list[_Shard]:
         plan = self._plan(split, samples)
-        sides: list[dict | None] = [self._reusable(sh["stem"], sh["fingerprint"]) for sh in plan]
+        sides: list[_Shard | None] = [self._reusable(sh["stem"], sh["fingerprint"]) for sh in plan]
         pending = [sh for sh, side in zip(plan, sides) if side is None]
         reused = len(plan) - len(pending)
         todo = [(sh["start"] + k, str(p), self.s.max_resolution, self.s.jpeg_quality, self.s.reencode)
@@ -292,10 +324,10 @@ class _Converter:
         bar.close()
         return sides  # type: ignore[return-value]
 
-    def _pass_ffcv(self, split: str, sides: list[dict]) -> str:
+    def _pass_ffcv(self, split: str, sides: list[_Shard]) -> str:
         beton = self.out / f"{split}.beton"
         rel = beton.name
-        fp = _fingerprint({"shards": [sd["fingerprint"] for sd in sides], **asdict(self.s), "formats": None})
+        fp = _fingerprint({"shards": [sd.fingerprint for sd in sides], **asdict(self.s), "formats": None})
         side_path = self.work / f"{split}.beton.json"
         try:
             side = json.loads(side_path.read_text())
@@ -305,11 +337,10 @@ class _Converter:
                 return rel
         except (OSError, json.JSONDecodeError, KeyError):
             pass
-        entries = [(str(self.out / sd["tar"]["path"]), e[5], e[6], e[3], e[4], e[2], e[1])
-                   for sd in sides for e in sd["entries"]]
-        self.log(f"[convert] {split}: writing {rel} ({len(entries)} samples, write mode {self.s.write_mode})")
+        stored = [(self.out / sd.tar["path"], e) for sd in sides for e in sd.samples]
+        self.log(f"[convert] {split}: writing {rel} ({len(stored)} samples, write mode {self.s.write_mode})")
         t0 = time.time()
-        _write_beton(beton, _FfcvSamples(entries, from_shards=self.s.write_mode == "jpg"), self.s, self.workers)
+        _write_beton(beton, _FfcvSamples(stored, from_shards=self.s.write_mode == "jpg"), self.s, self.workers)
         size, sha = beton.stat().st_size, sha256_file(beton)
         atomic_write_json(side_path, {"fingerprint": fp, "size": size, "sha256": sha})
         self._record(rel, size, sha)
@@ -345,23 +376,23 @@ class _Converter:
             reencoded: dict[str, int] = {}
             rows = ["index\tkey\tlabel\tsource"]
             for sd in sides:
-                self.skipped.extend(sd["skipped"])
-                for e in sd["entries"]:
-                    per_class[e[2]] += 1
-                    rows.append(f"{len(rows) - 1}\t{e[0]}\t{e[2]}\t{e[1]}")
-                    if e[7]:
-                        reencoded[e[7]] = reencoded.get(e[7], 0) + 1
+                self.skipped.extend(sd.skipped)
+                for e in sd.samples:
+                    per_class[e.label] += 1
+                    rows.append(f"{len(rows) - 1}\t{e.key}\t{e.label}\t{e.source}")
+                    if e.reencode_reason:
+                        reencoded[e.reencode_reason] = reencoded.get(e.reencode_reason, 0) + 1
             num = sum(per_class)
             if num == 0:
                 raise ConversionError(f"split '{split}': every input was skipped; nothing to write")
             info: dict = {"num_samples": num, "per_class": per_class, "stored_as_is": num - sum(reencoded.values()),
                           "reencoded": sum(reencoded.values()), "reencode_reasons": dict(sorted(reencoded.items()))}
             if "dali" in self.s.formats:
-                info["dali_shards"] = [{"tar": sd["tar"]["path"], "index": sd["index"]["path"],
-                                        "num_samples": len(sd["entries"])} for sd in sides]
+                info["dali_shards"] = [{"tar": sd.tar["path"], "index": sd.index["path"],
+                                        "num_samples": len(sd.samples)} for sd in sides]
                 for sd in sides:
-                    for key in ("tar", "index"):
-                        self._record(sd[key]["path"], sd[key]["size"], sd[key]["sha256"])
+                    for f in (sd.tar, sd.index):
+                        self._record(f["path"], f["size"], f["sha256"])
             if "ffcv" in self.s.formats:
                 info["ffcv"] = self._pass_ffcv(split, sides)
             listing = f"{split}.samples.tsv"
@@ -407,13 +438,13 @@ def _version() -> str:
         return "unknown"
 
 
-def convert(src, out, *, formats=FORMATS, workers: int | None = None, max_resolution: int = 512,
-            jpeg_quality: int = 90, write_mode: str = "jpg", compress_probability: float = 0.5,
-            smart_threshold: int | None = None, shard_size: int = 1024, class_list=None,
+def convert(src, out, settings: Settings = Settings(), *, workers: int | None = None, class_list=None,
             val_ground_truth=None, val_id_mapping=None, strict: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print, reencode: bool = False) -> dict:
-    s = Settings(tuple(formats), max_resolution, jpeg_quality, write_mode, compress_probability, smart_threshold,
-                 shard_size, reencode)
+            log: Callable[[str], None] = print) -> dict:
+    """Convert the tree at src into OUT (what `fastrsb convert` runs); returns the manifest. settings is
+    what the output depends on (its fingerprint decides which finished shards a re-run re-uses); the rest
+    is how to run. Sources: dataprep.sources.scan_source (class_list, val_ground_truth, val_id_mapping)."""
+    s = settings
     s.validate()
     workers = workers or os.cpu_count() or 1
     if workers < 1:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dataprep.layout import atomic_write
+
 VAL_EVERY = 5  # every 5th image of a class goes to val: a stratified 80/20 split
 
 
@@ -29,7 +31,6 @@ def write_digits(dest: str | Path, image_size: int = 64, quality: int = 95) -> P
         # ink is 0..16 on white paper; bicubic upscaling keeps strokes smooth
         gray = Image.fromarray((255 - img * (255 / 16)).astype(np.uint8), "L")
         gray = gray.resize((image_size, image_size), Image.BICUBIC)
-        tmp = path.with_name(f".{path.name}.tmp")
-        gray.convert("RGB").save(tmp, format="JPEG", quality=quality)
-        tmp.replace(path)
+        # durable=False: regenerable demo data, and 1,797 files x 2 fsyncs would be most of the demo's set-up
+        atomic_write(path, lambda tmp: gray.convert("RGB").save(tmp, format="JPEG", quality=quality), durable=False)
     return dest

@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -41,15 +42,39 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers see all or nothing."""
+def atomic_write(path: str | Path, write: Callable[[Path], object], durable: bool = True) -> None:
+    """Make `path` appear whole or not at all: write(tmp) fills the temporary sibling `.NAME.partial`,
+    which is renamed over path. durable: the file's data is fsynced before the rename and the directory
+    after it, so a crash or power loss right after leaves either the old file or the whole new one (the
+    rename itself must reach the disk too). The one way fastrsb writes files that matter: checkpoints,
+    .beton files, shards, sidecars, manifests, exported weights. A stale .partial of a killed writer is
+    replaced by the next attempt."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        write(tmp)
+        if durable:
+            _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: str | Path, obj: object) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import re
 import subprocess
 import warnings
@@ -10,6 +9,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from dataprep.layout import atomic_write
 
 REQUIRED = ("model", "optimizer", "epoch", "batch_in_epoch", "step", "config")
 _NAME = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
@@ -64,19 +65,7 @@ def non_finite_tensors(tree, prefix: str = "") -> list[str]:
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # the rename itself must reach the disk, or a crash can leave the directory without the file
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load(path: str | Path, required: tuple[str, ...] = REQUIRED) -> dict:

@@ -12,7 +12,7 @@ from fastrsb import checkpoint as ckpt
 from fastrsb.augment import BatchAugment, build_batch_augment
 from fastrsb.config import from_dict
 from fastrsb.data import create_loader
-from fastrsb.data.common import SplitLoader
+from fastrsb.data.base import SplitLoader
 from fastrsb.dist import DistInfo, init_distributed
 from fastrsb.model import create_model
 from fastrsb.precision import amp_dtype, autocast

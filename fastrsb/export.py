@@ -19,6 +19,7 @@ from pathlib import Path
 import timm
 import torch
 
+from dataprep.layout import atomic_write, atomic_write_bytes
 from fastrsb import checkpoint as ckpt
 from fastrsb.config import from_dict
 from fastrsb.model import architecture_kwargs
@@ -123,10 +124,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = F
              "data": _dataset_summary(cfg.data.path), "config": state["config"]}
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     config = timm_config(model, cfg, num_classes, extra)
-    (out / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
-    (out / CARD).write_text(model_card(config, f"fastrsb export {checkpoint} {out}{' --ema' if ema else ''}"))
+    atomic_write_bytes(out / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+    atomic_write_bytes(out / CARD, model_card(config, f"fastrsb export {checkpoint} {out}{' --ema' if ema else ''}").encode())
     return out
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.utils import ModelEmaV3
 
 from fastrsb.config import ModelConfig
 
@@ -46,12 +47,10 @@ def create_model(cfg: ModelConfig, num_classes: int, device: torch.device) -> to
     return model
 
 
-def create_ema(model: torch.nn.Module, cfg) -> "ModelEmaV3 | None":
+def create_ema(model: torch.nn.Module, cfg) -> ModelEmaV3 | None:
     """timm's EMA of the weights (ema.enabled), or None."""
     if not cfg.enabled:
         return None
-    from timm.utils import ModelEmaV3
-
     return ModelEmaV3(model, decay=cfg.decay, use_warmup=cfg.warmup)
 
 

@@ -21,9 +21,10 @@ def derive_seed(seed, *keys):
     scramble it themselves; a counter-based draw needs a mixed key (fastrsb.data.sampler.augmentation_keys)."""
     if any(isinstance(k, np.ndarray) for k in keys):
         seed = np.uint64(seed)  # uint64 arithmetic wraps mod 2**64, which the mask turns into mod 2**63
-    for key in keys:
-        key = zlib.crc32(key.encode()) if isinstance(key, str) else key
-        seed = (seed * FOLD + key) & MASK
+    with np.errstate(over="ignore"):
+        for key in keys:
+            key = zlib.crc32(key.encode()) if isinstance(key, str) else key
+            seed = (seed * FOLD + key) & MASK
     return seed
 
 

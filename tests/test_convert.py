@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataprep.convert import ConversionError, convert
+from dataprep.convert import ConversionError, Settings, convert
 from dataprep.layout import MANIFEST, DatasetError, open_dataset
 from dataprep.sources import SourceError, scan_source
 from dataprep.verify import VerifyError, verify
@@ -28,7 +28,7 @@ def messy(tmp_path_factory):
     src = root / "src"
     truth = make_messy_tree(src)
     out = root / "out"
-    manifest = convert(src, out, workers=2, max_resolution=256, shard_size=5, progress=False, log=lambda s: None)
+    manifest = convert(src, out, Settings(max_resolution=256, shard_size=5), workers=2, progress=False, log=lambda s: None)
     return src, out, manifest, truth
 
 
@@ -237,7 +237,7 @@ def test_single_tree_dali_only_and_class_list(tmp_path):
     src = tmp_path / "src"
     make_good_tree(src, 3)
     (tmp_path / "classes.txt").write_text("eel\ncat\ndog\n")
-    m = convert(src, tmp_path / "out", formats=["dali"], workers=1, class_list=tmp_path / "classes.txt",
+    m = convert(src, tmp_path / "out", Settings(formats=("dali",)), workers=1, class_list=tmp_path / "classes.txt",
                 progress=False, log=lambda s: None)
     assert list(m["splits"]) == ["train"] and m["classes"] == ["eel", "cat", "dog"]
     assert not (tmp_path / "out" / "train.beton").exists() and "ffcv" not in m["splits"]["train"]
@@ -262,7 +262,7 @@ def test_flat_val_loc_solution_and_devkit(tmp_path):
             # devkit ids are not in wnid order: id 1 -> n002, id 2 -> n001
             (src / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n1\n")
             (src / "ILSVRC2012_mapping.txt").write_text("1 n002\n2 n001\n")
-        m = convert(src, tmp_path / f"out_{layout}", formats=["dali"], workers=1, progress=False, log=lambda s: None)
+        m = convert(src, tmp_path / f"out_{layout}", Settings(formats=("dali",)), workers=1, progress=False, log=lambda s: None)
         assert m["classes"] == ["n001", "n002"]
         assert m["splits"]["val"]["per_class"] == [1, 2], layout
 
@@ -277,9 +277,9 @@ def test_flat_val_without_ground_truth_is_a_clear_error(tmp_path):
 def test_bad_settings_name_the_option(tmp_path):
     make_good_tree(tmp_path / "src", 1)
     with pytest.raises(ConversionError, match="--jpeg-quality"):
-        convert(tmp_path / "src", tmp_path / "o", jpeg_quality=0, progress=False)
+        convert(tmp_path / "src", tmp_path / "o", Settings(jpeg_quality=0), progress=False)
     with pytest.raises(ConversionError, match="--formats"):
-        convert(tmp_path / "src", tmp_path / "o", formats=["tfrecord"], progress=False)
+        convert(tmp_path / "src", tmp_path / "o", Settings(formats=("tfrecord",)), progress=False)
 
 
 def _wait_for(pred, proc, timeout=120.0):
@@ -318,7 +318,7 @@ def test_sigkill_then_rerun_resumes(tmp_path):
     assert "re-using" in r.stdout
     verify(out, log=lambda s: None)
     # the resumed dataset equals a clean conversion
-    clean = convert(src, tmp_path / "clean", workers=1, shard_size=8, progress=False, log=lambda s: None)
+    clean = convert(src, tmp_path / "clean", Settings(shard_size=8), workers=1, progress=False, log=lambda s: None)
     resumed = json.loads((out / MANIFEST).read_text())
     assert resumed["splits"] == json.loads(json.dumps(clean["splits"]))
     for rel, meta in clean["files"].items():
@@ -340,7 +340,7 @@ def test_a_decoder_that_kills_its_process_costs_only_that_file(tmp_path, monkeyp
         return real(path, *a)
 
     monkeypatch.setattr(conv, "prepare_image", crashing)
-    m = convert(src, tmp_path / "out", formats=["dali"], workers=2, shard_size=5, progress=False, log=lambda s: None)
+    m = convert(src, tmp_path / "out", Settings(formats=("dali",), shard_size=5), workers=2, progress=False, log=lambda s: None)
     assert [Path(s["path"]).name for s in m["skipped"]] == ["dog_0005.JPEG"]
     assert "crashed" in m["skipped"][0]["reason"]
     assert m["splits"]["train"]["num_samples"] == 35
@@ -406,7 +406,7 @@ def test_reencode_flag_and_exif_rotation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees
     textured(80, 64, CLASS_COLOURS["cat"], 9).save(src / "cat" / "rotated.JPEG", quality=90, exif=exif)
-    kept = convert(src, tmp_path / "kept", formats=["dali"], workers=1, progress=False, log=lambda s: None)
+    kept = convert(src, tmp_path / "kept", Settings(formats=("dali",)), workers=1, progress=False, log=lambda s: None)
     assert kept["splits"]["train"]["stored_as_is"] == 6
     assert kept["splits"]["train"]["reencode_reasons"] == {"EXIF-rotated JPEG": 1}
     r = subprocess.run([sys.executable, "-m", "fastrsb", "convert", str(src), str(tmp_path / "all"), "--reencode",

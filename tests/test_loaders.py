@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,7 +48,7 @@ def coded_dataset(tmp_path_factory):
     images per class, odd sizes."""
     from PIL import Image
 
-    from dataprep.convert import convert
+    from dataprep.convert import Settings, convert
 
     root = tmp_path_factory.mktemp("coded")
     k = 0
@@ -58,7 +59,7 @@ def coded_dataset(tmp_path_factory):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (40 + k % 13, 30 + k % 7), tuple(int(v) for v in CODES[k])).save(path, quality=95)
                 k += 1
-    convert(root / "src", root / "data", workers=2, shard_size=16, progress=False, log=lambda s: None)
+    convert(root / "src", root / "data", Settings(shard_size=16), workers=2, progress=False, log=lambda s: None)
     return root / "data"
 
 
@@ -297,7 +298,7 @@ def two_tone_dataset(tmp_path_factory):
     """Images red on the left half, blue on the right: a horizontal flip shows in the first column."""
     from PIL import Image
 
-    from dataprep.convert import convert
+    from dataprep.convert import Settings, convert
 
     root = tmp_path_factory.mktemp("twotone")
     for k in range(48):
@@ -306,7 +307,7 @@ def two_tone_dataset(tmp_path_factory):
         path = root / "src" / "train" / ("a" if k % 2 else "b") / f"{k:03d}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, quality=95)
-    convert(root / "src", root / "data", workers=2, shard_size=16, progress=False, log=lambda s: None)
+    convert(root / "src", root / "data", Settings(shard_size=16), workers=2, progress=False, log=lambda s: None)
     return root / "data"
 
 
@@ -326,3 +327,20 @@ def test_train_batches_are_flipped_half_the_time(two_tone_dataset, backend):
             assert bool((red_left | blue_left).all()), "the whole image must be in the crop, one half per side"
             flipped += blue_left.tolist()
     assert 0.25 <= sum(flipped) / len(flipped) <= 0.75, sum(flipped) / len(flipped)
+
+
+def test_one_interpolation_table_names_every_allowed_value_in_every_library():
+    """data.interpolation's allowed values and the table's rows are the same set, and each row names a
+    filter the library has (a value added to the config without its row, or a misspelt name, fails here)."""
+    from nvidia.dali import types
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    from fastrsb.config import DataConfig, allowed
+    from fastrsb.data.base import FILTERS
+
+    assert set(FILTERS) == set(allowed(DataConfig, "interpolation"))
+    for name, names in FILTERS.items():
+        assert InterpolationMode[names["torchvision"]].value == name
+        assert isinstance(getattr(types, names["dali"]), types.DALIInterpType)
+        assert getattr(Image.Resampling, names["pillow"]).name.lower() == name

@@ -1,9 +1,9 @@
-"""Loaders: one batch contract (fastrsb.data.base.Batch), one sampler, four backends."""
+"""Loaders: one contract (fastrsb.data.base: Batch, SplitLoader), one sampler, four backends."""
 from __future__ import annotations
 
 from dataprep.layout import open_dataset
 from fastrsb.config import DataConfig, allowed
-from fastrsb.data.base import Batch, Loader
+from fastrsb.data.base import Batch, SplitLoader
 from fastrsb.dist import DistInfo
 
 BACKENDS = allowed(DataConfig, "backend")
@@ -14,12 +14,11 @@ class LoaderError(RuntimeError):
     """A loader cannot be built: unknown backend, missing library, missing or mismatched data."""
 
 
-def create_loader(cfg, split: str, dist: DistInfo) -> Loader:
+def create_loader(cfg, split: str, dist: DistInfo) -> SplitLoader:
     """The loader for `split` ('train' or 'val') of cfg.data on this rank.
 
     Every check that can fail (library, dataset files, manifest) runs here, before any work starts;
-    the config's own values were checked when it was made (fastrsb.config). Loaders expose
-    num_classes, num_samples and batch_size."""
+    the config's own values were checked when it was made (fastrsb.config)."""
     data = cfg.data
     if split not in ("train", "val"):
         raise LoaderError(f"split must be 'train' or 'val', got {split!r}")
@@ -31,9 +30,9 @@ def create_loader(cfg, split: str, dist: DistInfo) -> Loader:
         raise LoaderError(f"data.path is empty: backend {data.backend!r} reads a dataset written by `fastrsb convert`")
     try:
         if data.backend == "ffcv":
-            from fastrsb.data.ffcv_loader import FfcvBackend as cls
+            from fastrsb.data.ffcv_loader import FfcvLoader as cls
         elif data.backend == "dali":
-            from fastrsb.data.dali_loader import DaliBackend as cls
+            from fastrsb.data.dali_loader import DaliLoader as cls
         else:
             from fastrsb.data.torch_loader import TorchLoader as cls
     except ImportError as e:
@@ -52,4 +51,4 @@ def create_loader(cfg, split: str, dist: DistInfo) -> Loader:
         raise LoaderError(f"backend {data.backend!r}, split {split!r}: {e}") from e
 
 
-__all__ = ["Batch", "Loader", "LoaderError", "create_loader", "BACKENDS"]
+__all__ = ["Batch", "SplitLoader", "LoaderError", "create_loader", "BACKENDS"]

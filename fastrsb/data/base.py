@@ -1,9 +1,16 @@
-"""The batch contract every loader backend honours, so the trainer never branches on the backend."""
+"""The loader contract: what a batch is, and what every backend (FfcvLoader, DaliLoader, TorchLoader,
+SyntheticLoader) is, so that the trainer never branches on the backend."""
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Protocol
+import os
+from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
+
+from fastrsb.config import DataConfig
+from fastrsb.data.sampler import epoch_indices, num_batches
+from fastrsb.dist import DistInfo
 
 
 class Batch(NamedTuple):
@@ -15,17 +22,62 @@ class Batch(NamedTuple):
     targets: torch.Tensor
 
 
-class Loader(Protocol):
-    def __iter__(self) -> Iterator[Batch]: ...
+# data.interpolation (config.DataConfig's allowed values) -> each library's name for the filter: the one table
+FILTERS = {
+    "bilinear": {"torchvision": "BILINEAR", "dali": "INTERP_LINEAR", "pillow": "BILINEAR"},
+    "bicubic": {"torchvision": "BICUBIC", "dali": "INTERP_CUBIC", "pillow": "BICUBIC"},
+}
+
+
+class SplitLoader:
+    """What every backend is: one split (train or val) of one dataset on this rank, iterated an epoch at a
+    time in the shared sampler's order. The trainer, evaluation and benchmarks use exactly this:
+
+        len(loader)                  batches per epoch on this rank
+        iter(loader)                 the epoch's Batches, from the resume offset on
+        loader.set_epoch(e, b=0)     select epoch e's order; skip the b batches an interrupted run consumed
+        loader.set_resolution(px)    train crops' side from the next epoch on (progressive resizing)
+        num_classes, num_samples     of the split (num_samples: before sharding and repeats)
+        batch_size                   per process
+
+    A backend implements `_epoch(indices)`: this rank's sample indices for the epoch -> Batches."""
+
+    def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, num_samples: int, num_classes: int):
+        self.cfg, self.split, self.dist = cfg, split, dist
+        self.train = split == "train"
+        self.num_samples, self.num_classes = num_samples, num_classes
+        self.batch_size = cfg.batch_size
+        self.epoch, self.start_batch = 0, 0
+        self.resolution = cfg.train_res if self.train else cfg.val_res
+        self.workers = cfg.workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+
+    def indices(self, epoch: int | None = None, start_batch: int | None = None) -> np.ndarray:
+        return epoch_indices(
+            self.num_samples, seed=self.cfg.seed, epoch=self.epoch if epoch is None else epoch,
+            rank=self.dist.rank, world_size=self.dist.world_size, batch_size=self.batch_size,
+            num_repeats=self.cfg.num_repeats if self.train else 1, shuffle=self.train, drop_last=self.train,
+            start_batch=self.start_batch if start_batch is None else start_batch)
+
+    @property
+    def epoch_length(self) -> int:
+        """Samples this rank sees in a whole epoch."""
+        return len(self.indices(start_batch=0))
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        ...
+        return num_batches(self.epoch_length, self.batch_size, self.train)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's order; start_batch skips the batches an interrupted run already consumed."""
-        ...
+        self.epoch, self.start_batch = epoch, start_batch
 
     def set_resolution(self, px: int) -> None:
-        """Output side length of train crops from the next epoch on (progressive resizing)."""
-        ...
+        if not self.train:
+            raise ValueError("set_resolution applies to the train loader; val uses data.val_res")
+        self.resolution = px
+
+    def __iter__(self) -> Iterator[Batch]:
+        idx = self.indices()
+        self.start_batch = 0  # a resume offset applies to one epoch only
+        return self._epoch(idx)
+
+    def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
+        raise NotImplementedError

@@ -9,14 +9,13 @@ from typing import Iterator
 
 import numpy as np
 
-from fastrsb.data.base import Batch
-from fastrsb.data.common import SplitLoader, to_device
+from fastrsb.data.base import FILTERS, Batch, SplitLoader
+from fastrsb.data.staging import to_device
 from fastrsb.seeding import derive_seed
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
 class ShardSource:
@@ -55,7 +54,7 @@ class PipelineState(Enum):
     PRIMED = "the next epoch's first batches are already being decoded"
 
 
-class DaliBackend(SplitLoader):
+class DaliLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
         decode = cfg.dali_decode
@@ -74,6 +73,7 @@ class DaliBackend(SplitLoader):
     def _build(self, res: int) -> DALIGenericIterator:
         cfg, train = self.cfg, self.train
         dev_out = "gpu" if self.decode == "mixed" else "cpu"
+        interp = getattr(types, FILTERS[cfg.interpolation]["dali"])
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.workers, device_id=self.device_id,
                       seed=derive_seed(cfg.seed, "dali", self.dist.rank), prefetch_queue_depth=max(1, cfg.prefetch),
@@ -86,13 +86,13 @@ class DaliBackend(SplitLoader):
                 # the flip rides on the resize (a ROI whose x end precedes its start is mirrored): one pass
                 # over the output instead of two
                 flip = fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)
-                images = fn.resize(images, device=dev_out, resize_x=res, resize_y=res, interp_type=_INTERP[cfg.interpolation],
+                images = fn.resize(images, device=dev_out, resize_x=res, resize_y=res, interp_type=interp,
                                    antialias=True, roi_relative=True, roi_start=fn.stack(0.0, flip),
                                    roi_end=fn.stack(1.0, 1.0 - flip))
             else:
                 images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
                 images = fn.resize(images, device=dev_out, resize_shorter=float(int(res / cfg.crop_pct)),
-                                   interp_type=_INTERP[cfg.interpolation], antialias=True)
+                                   interp_type=interp, antialias=True)
                 images = fn.crop(images, device=dev_out, crop=(res, res))
             if dev_out == "gpu":
                 labels = labels.gpu()

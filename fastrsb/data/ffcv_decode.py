@@ -17,7 +17,6 @@ follows the library whose results it reproduces: torchvision for boxes, Pillow f
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numba as nb
 import numpy as np
@@ -27,7 +26,6 @@ from numba.extending import intrinsic
 
 PRECISION_BITS = 22  # Pillow's: 32 - 8 (pixel) - 2 (headroom for filters with negative lobes)
 _HALF = 1 << (PRECISION_BITS - 1)
-INTERPOLATIONS = ("bilinear", "bicubic")
 _SUPPORT = (1.0, 2.0)  # bilinear, bicubic (a = -0.5): Pillow's filters
 
 # Whole-image decode vs a TurboJPEG lossless crop of the window: the crop Huffman-decodes the whole image

@@ -17,18 +17,18 @@ from typing import Iterator
 import numba as nb
 import numpy as np
 
-from fastrsb.data.base import Batch
-from fastrsb.data.common import SplitLoader, nhwc_to_batch
+from fastrsb.data.base import FILTERS, Batch, SplitLoader
 from fastrsb.data.ffcv_decode import (
-    _CROPPED, _DECODE_ERROR, _DONE, _FALLBACK, INTERPOLATIONS, _load_i64, _store_i64, center_crop_geometry,
+    _CROPPED, _DECODE_ERROR, _DONE, _FALLBACK, _load_i64, _store_i64, center_crop_geometry,
     decode_into, flip_of, random_resized_crop,
 )
 from fastrsb.data.sampler import epoch_keys, num_batches
+from fastrsb.data.staging import nhwc_to_batch
 
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import lib as ffcv_lib
-from ffcv.loader import Loader as FfcvLoader
+from ffcv.loader import Loader as FfcvLibraryLoader
 from ffcv.loader import OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -59,15 +59,13 @@ def _unseeded_key() -> np.int64:
 class FastrsbDecoder(Operation):
     """ffcv decoder for RGBImageField: train = seeded RandomResizedCrop + flip, val = torchvision's
     Resize(res / crop_pct) + CenterCrop(res); both decode only what the box needs and resize with
-    Pillow's filter (`interpolation`: bilinear | bicubic)."""
+    Pillow's filter (`interpolation`: a data.interpolation value)."""
 
     def __init__(self, output_size: tuple[int, int], train: bool, interpolation: str, scale=(0.08, 1.0),
                  ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875):
         super().__init__()
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"data.interpolation: expected one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         self.output_size, self.train = tuple(output_size), train
-        self.bicubic = interpolation == "bicubic"
+        self.bicubic = FILTERS[interpolation]["pillow"] == "BICUBIC"
         self.scale, self.ratio, self.crop_pct = tuple(scale), tuple(ratio), crop_pct
 
     def declare_state_and_memory(self, previous_state):
@@ -142,7 +140,7 @@ class SharedOrder(TraversalOrder):
 
     ffcv 1.0.2 takes an instance and calls it with the loader, hence __call__."""
 
-    def __init__(self, owner: "FfcvBackend"):
+    def __init__(self, owner: "FfcvLoader"):
         self.owner = owner
 
     def __call__(self, loader) -> "SharedOrder":
@@ -153,7 +151,7 @@ class SharedOrder(TraversalOrder):
         return self.owner.pending_order
 
 
-class FfcvBackend(SplitLoader):
+class FfcvLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
         self.ours = cfg.ffcv_decoder == "fastrsb"
@@ -172,7 +170,11 @@ class FfcvBackend(SplitLoader):
             self.decoder = CenterCropRGBImageDecoder((res, res), ratio=cfg.crop_pct)
             image = [self.decoder, ToTensor()]
         label = [IntDecoder(), ToTensor(), Squeeze()]
-        if dist.device.type == "cuda":  # ffcv stages the copies itself, batches_ahead deep
+        if dist.device.type == "cuda":
+            # ffcv stages the copies itself, batches_ahead deep, and orders them: its host buffers are pinned
+            # (allocate_query), each batch slot is copied non-blocking on the slot's own stream, the
+            # consumer's current stream waits on that stream before EpochIterator.__next__ hands the batch
+            # out, and an event recorded on the consumer's stream guards the slot before it is refilled
             image.append(ToDevice(dist.device, non_blocking=True))
             label.append(ToDevice(dist.device, non_blocking=True))
         if cfg.ffcv_quasi_random and self.train:
@@ -186,7 +188,7 @@ class FfcvBackend(SplitLoader):
         else:
             order = SharedOrder(self)
         self.quasi_random = order is OrderOption.QUASI_RANDOM
-        self.loader = FfcvLoader(str(info.beton_path), batch_size=self.batch_size, num_workers=self.workers,
+        self.loader = FfcvLibraryLoader(str(info.beton_path), batch_size=self.batch_size, num_workers=self.workers,
                                  os_cache=cfg.ffcv_os_cache, order=order, seed=cfg.seed, drop_last=self.train,
                                  batches_ahead=cfg.ffcv_batches_ahead,
                                  pipelines={"image": PipelineSpec("image", self.decoder, image) if self.ours else image,

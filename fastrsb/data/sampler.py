@@ -13,12 +13,14 @@ import math
 import numpy as np
 import torch
 
+from fastrsb.seeding import derive_seed
+
 
 def _permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(num_samples, dtype=np.int64)
     g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + epoch)  # seed 0 -> timm's / torch's manual_seed(epoch)
+    g.manual_seed(derive_seed(seed, epoch))  # seed 0 -> timm's / torch's manual_seed(epoch)
     return torch.randperm(num_samples, generator=g).numpy()
 
 
@@ -77,28 +79,24 @@ def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_s
                          num_repeats=num_repeats, shuffle=shuffle, drop_last=drop_last, start_batch=start_batch)[0]
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
 def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic): a bijection whose outputs look
+    independent even for inputs that differ in one bit."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def augmentation_keys(seed: int, epoch: int, indices: np.ndarray, copies: np.ndarray) -> np.ndarray:
-    """A uint64 key per sample, a hash of (seed, epoch, sample index, copy): the seed of that
-    sample's augmentation draws in every backend. It names the sample copy, not its place in the
-    epoch, so the same seed gives the same pixels whatever the rank, world size, worker count or
-    resume point."""
+    """A uint64 key per sample, the run's derive_seed of (epoch, sample index, copy), mixed: the seed
+    of that sample's augmentation draws in every backend. It names the sample copy, not its place in
+    the epoch, so the same seed gives the same pixels whatever the rank, world size, worker count or
+    resume point. Mixed because the draws are counter-based (ffcv_decode.uniform), which needs keys
+    that do not differ by a constant from sample to sample."""
     indices = np.asarray(indices, dtype=np.int64).astype(np.uint64)
     copies = np.asarray(copies, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        k = _mix64(np.full(len(indices), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64) + _GOLDEN)
-        k = _mix64(k ^ (np.uint64(epoch) * _GOLDEN + np.uint64(1)))
-        k = _mix64(k ^ (indices * _GOLDEN + np.uint64(2)))
-        return _mix64(k ^ (copies * _GOLDEN + np.uint64(3)))
+    return _mix64(derive_seed(seed, epoch, indices, copies))
 
 
 def epoch_keys(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,

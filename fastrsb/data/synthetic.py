@@ -12,8 +12,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fastrsb.data.base import Batch
-from fastrsb.data.common import SplitLoader, nhwc_to_batch
+from fastrsb.data.base import Batch, SplitLoader
+from fastrsb.data.staging import nhwc_to_batch
 from fastrsb.seeding import derive_seed
 
 

@@ -16,11 +16,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from fastrsb.data.base import Batch
-from fastrsb.data.common import SplitLoader, to_device
+from fastrsb.data.base import FILTERS, Batch, SplitLoader
+from fastrsb.data.staging import to_device
 from fastrsb.data.sampler import epoch_keys
-
-_INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
 class ShardDataset(Dataset):
@@ -90,7 +88,7 @@ def _stop_workers() -> None:
 
 
 def _transform(train: bool, res: int, cfg) -> T.Compose:
-    interp = _INTERP[cfg.interpolation]
+    interp = T.InterpolationMode[FILTERS[cfg.interpolation]["torchvision"]]
     if train:
         return T.Compose([T.RandomResizedCrop(res, scale=cfg.scale, ratio=cfg.ratio, interpolation=interp),
                           T.RandomHorizontalFlip()])
@@ -100,8 +98,6 @@ def _transform(train: bool, res: int, cfg) -> T.Compose:
 class TorchLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
-        if cfg.interpolation not in _INTERP:
-            raise ValueError(f"data.interpolation: expected one of {sorted(_INTERP)}, got {cfg.interpolation!r}")
         self.dataset = ShardDataset(info.shard_locations(), info.labels, cfg, self.train)
         self.batch_sampler = _EpochBatches()
         # persistent workers, as timm's loader uses: no process start-up at every epoch
