@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fastrsb.config import DataConfig
-from fastrsb.data.sampler import epoch_indices, num_batches
+from fastrsb.data.sampler import epoch_indices, epoch_keys, num_batches
 from fastrsb.dist import DistInfo
 
 
@@ -51,12 +51,21 @@ class SplitLoader:
         self.resolution = cfg.train_res if self.train else cfg.val_res
         self.workers = cfg.workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
 
+    def _sampler_args(self, epoch: int | None, start_batch: int | None) -> dict:
+        """This rank's place in the shared sampler: epoch (default the current one) from batch start_batch on."""
+        return dict(seed=self.cfg.seed, epoch=self.epoch if epoch is None else epoch, rank=self.dist.rank, world_size=self.dist.world_size,
+                    batch_size=self.batch_size, num_repeats=self.cfg.num_repeats if self.train else 1,
+                    shuffle=self.train, drop_last=self.train,
+                    start_batch=self.start_batch if start_batch is None else start_batch)
+
     def indices(self, epoch: int | None = None, start_batch: int | None = None) -> np.ndarray:
-        return epoch_indices(
-            self.num_samples, seed=self.cfg.seed, epoch=self.epoch if epoch is None else epoch,
-            rank=self.dist.rank, world_size=self.dist.world_size, batch_size=self.batch_size,
-            num_repeats=self.cfg.num_repeats if self.train else 1, shuffle=self.train, drop_last=self.train,
-            start_batch=self.start_batch if start_batch is None else start_batch)
+        return epoch_indices(self.num_samples, **self._sampler_args(epoch, start_batch))
+
+    def augmentation_keys(self, indices: np.ndarray) -> np.ndarray:
+        """The augmentation key of each of `indices`, the tail of this epoch's indices that _epoch was handed
+        (all of them, or those after a resume point): sampler.augmentation_keys."""
+        start_batch = (self.epoch_length - len(indices)) // self.batch_size
+        return epoch_keys(self.num_samples, **self._sampler_args(None, start_batch))
 
     @property
     def epoch_length(self) -> int:

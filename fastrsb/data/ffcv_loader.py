@@ -22,7 +22,7 @@ from fastrsb.data.ffcv_decode import (
     _CROPPED, _DECODE_ERROR, _DONE, _FALLBACK, _load_i64, _store_i64, center_crop_geometry,
     decode_into, flip_of, random_resized_crop,
 )
-from fastrsb.data.sampler import epoch_keys, num_batches
+from fastrsb.data.sampler import num_batches
 from fastrsb.data.staging import nhwc_to_batch
 
 from ffcv.fields.basics import IntDecoder
@@ -199,14 +199,9 @@ class FfcvLoader(SplitLoader):
         index itself for ffcv's own decoders)."""
         if not self.ours:
             return indices
-        bs = self.batch_size
         table = np.zeros((len(indices), 3), np.int64)
         table[:, 0] = indices
-        table[:, 1] = epoch_keys(self.num_samples, seed=self.cfg.seed, epoch=self.epoch, rank=self.dist.rank,
-                                 world_size=self.dist.world_size, batch_size=bs,
-                                 num_repeats=self.cfg.num_repeats if self.train else 1, shuffle=self.train,
-                                 drop_last=self.train,
-                                 start_batch=(self.epoch_length - len(indices)) // bs).view(np.int64)
+        table[:, 1] = self.augmentation_keys(indices).view(np.int64)
         self._table = table
         return table[:, 0]
 

@@ -18,7 +18,6 @@ from torchvision import transforms as T
 
 from fastrsb.data.base import FILTERS, Batch, SplitLoader
 from fastrsb.data.staging import to_device
-from fastrsb.data.sampler import epoch_keys
 
 
 class ShardDataset(Dataset):
@@ -115,9 +114,6 @@ class TorchLoader(SplitLoader):
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
         bs, res = self.batch_size, self.resolution
-        keys = epoch_keys(self.num_samples, seed=self.cfg.seed, epoch=self.epoch, rank=self.dist.rank,
-                          world_size=self.dist.world_size, batch_size=bs, num_repeats=self.cfg.num_repeats if self.train else 1,
-                          shuffle=self.train, drop_last=self.train, start_batch=(self.epoch_length - len(indices)) // bs)
-        items = [(int(i), int(key), res) for i, key in zip(indices, keys)]
+        items = [(int(i), int(key), res) for i, key in zip(indices, self.augmentation_keys(indices))]
         self.batch_sampler.batches = [items[k:k + bs] for k in range(0, len(items), bs)]
         return to_device(self.loader, self.dist.device, self.cfg.prefetch)
