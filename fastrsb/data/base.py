@@ -53,9 +53,9 @@ class SplitLoader:
 
     def _sampler_args(self, epoch: int | None, start_batch: int | None) -> dict:
         """This rank's place in the shared sampler: epoch (default the current one) from batch start_batch on."""
-        return dict(seed=self.cfg.seed, epoch=self.epoch if epoch is None else epoch, rank=self.dist.rank, world_size=self.dist.world_size,
-                    batch_size=self.batch_size, num_repeats=self.cfg.num_repeats if self.train else 1,
-                    shuffle=self.train, drop_last=self.train,
+        return dict(seed=self.cfg.seed, epoch=self.epoch if epoch is None else epoch, rank=self.dist.rank,
+                    world_size=self.dist.world_size, batch_size=self.batch_size,
+                    num_repeats=self.cfg.num_repeats if self.train else 1, shuffle=self.train, drop_last=self.train,
                     start_batch=self.start_batch if start_batch is None else start_batch)
 
     def indices(self, epoch: int | None = None, start_batch: int | None = None) -> np.ndarray:

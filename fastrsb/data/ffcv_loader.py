@@ -188,11 +188,11 @@ class FfcvLoader(SplitLoader):
         else:
             order = SharedOrder(self)
         self.quasi_random = order is OrderOption.QUASI_RANDOM
+        image_pipeline = PipelineSpec("image", self.decoder, image) if self.ours else image
         self.loader = FfcvLibraryLoader(str(info.beton_path), batch_size=self.batch_size, num_workers=self.workers,
-                                 os_cache=cfg.ffcv_os_cache, order=order, seed=cfg.seed, drop_last=self.train,
-                                 batches_ahead=cfg.ffcv_batches_ahead,
-                                 pipelines={"image": PipelineSpec("image", self.decoder, image) if self.ours else image,
-                                            "label": label})
+                                        os_cache=cfg.ffcv_os_cache, order=order, seed=cfg.seed, drop_last=self.train,
+                                        batches_ahead=cfg.ffcv_batches_ahead,
+                                        pipelines={"image": image_pipeline, "label": label})
 
     def _order(self, indices: np.ndarray) -> np.ndarray:
         """The index column of a fresh [index, key, outcome] table for this epoch's indices (only the
