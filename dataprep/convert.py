@@ -167,7 +167,7 @@ class _Shard:
     skipped: list[dict]  # {"path", "reason"}
 
     def to_json(self) -> dict:
-        return {**asdict(self), "samples": [asdict(e) for e in self.samples]}
+        return asdict(self)  # the samples too: asdict recurses into dataclasses in lists
 
     @classmethod
     def from_json(cls, d: dict) -> _Shard:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from fastrsb.config import DataConfig
-from fastrsb.data.sampler import epoch_indices, epoch_keys, num_batches
+from fastrsb.data import sampler
+from fastrsb.data.sampler import epoch_indices, epoch_samples, num_batches
 from fastrsb.dist import DistInfo
 
 
@@ -64,8 +65,8 @@ class SplitLoader:
     def augmentation_keys(self, indices: np.ndarray) -> np.ndarray:
         """The augmentation key of each of `indices`, the tail of this epoch's indices that _epoch was handed
         (all of them, or those after a resume point): sampler.augmentation_keys."""
-        start_batch = (self.epoch_length - len(indices)) // self.batch_size
-        return epoch_keys(self.num_samples, **self._sampler_args(None, start_batch))
+        _, copies = epoch_samples(self.num_samples, **self._sampler_args(None, 0))
+        return sampler.augmentation_keys(self.cfg.seed, self.epoch, indices, copies[len(copies) - len(indices):])
 
     @property
     def epoch_length(self) -> int:

@@ -99,14 +99,5 @@ def augmentation_keys(seed: int, epoch: int, indices: np.ndarray, copies: np.nda
     return _mix64(derive_seed(seed, epoch, indices, copies))
 
 
-def epoch_keys(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-               num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
-    """The augmentation key of each sample epoch_indices returns for the same arguments."""
-    indices, copies = epoch_samples(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                    batch_size=batch_size, num_repeats=num_repeats, shuffle=shuffle,
-                                    drop_last=drop_last, start_batch=start_batch)
-    return augmentation_keys(seed, epoch, indices, copies)
-
-
 def num_batches(num_indices: int, batch_size: int, drop_last: bool) -> int:
     return num_indices // batch_size if drop_last else -(-num_indices // batch_size)
