@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -44,7 +45,14 @@ def _train(args: argparse.Namespace) -> int:
         except NonFiniteLoss as e:
             print(f"fastrsb train: error: {e}", file=sys.stderr)
             return 3
+        except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint being written, if any, was discarded
+            print(f"fastrsb train: stopped by a second SIGINT at step {trainer.step} without a checkpoint of it; "
+                  f"--resume auto continues from the newest one in {trainer.ckpt_dir}", file=sys.stderr)
+            return 128 + signal.SIGINT
         if dist.is_main:
+            if result.get("interrupted"):
+                print(f"[train] stopped by a signal after step {result['step']}, checkpointed; "
+                      f"--resume auto continues from there", file=sys.stderr)
             print(json.dumps(result))
         return 0
     finally:

@@ -378,10 +378,15 @@ class Trainer:
         return self.eval_stack.evaluate(model)
 
     def _install_signal_handlers(self):
+        """SIGTERM/SIGINT ask for a stop: the run finishes its step, checkpoints and returns. A second SIGINT
+        (a person pressing Ctrl-C again) does not wait: KeyboardInterrupt, and a checkpoint being written is
+        discarded whole (atomic_write). Repeated SIGTERMs change nothing: a scheduler that signals the
+        process group and torchrun, which forwards its own SIGTERM, deliver two to every rank."""
+
         def handler(signum, frame):
-            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C does not wait for the checkpoint
-            self._stop_signal = signum
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = self._stop_signal or signum
 
         return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -416,8 +421,13 @@ class Trainer:
                         e = self.evaluate(self.ema.module)
                         metrics.update(ema_val_top1=e["top1"], ema_val_top5=e["top5"])
                 self.log(metrics)
-                if self._epoch_checkpoint(self.epoch):
+                checkpointed = self._epoch_checkpoint(self.epoch)
+                if checkpointed:
                     self.save_checkpoint(metrics)
+                if not last and self._should_stop():  # a stop that arrived during the evaluation
+                    if not checkpointed:
+                        self.save_checkpoint(metrics)
+                    return {"interrupted": True, "epoch": self.epoch, "step": self.step}
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

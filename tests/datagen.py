@@ -77,3 +77,37 @@ def make_messy_tree(root: Path) -> dict:
     (va / "eel" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0garbage")
     bad["val/eel/broken.JPEG"] = "corrupt"
     return {"good": good, "bad": bad}
+
+
+# Colour-coded images: every image is one flat colour that encodes its own number, so whatever crop,
+# flip or resize a backend applies, its pixels still say which image it is.
+_LEVELS = (24, 72, 120, 168, 216)
+CODES = np.array([(_LEVELS[k % 5], _LEVELS[k // 5 % 5], _LEVELS[k // 25]) for k in range(125)], np.float32)
+
+
+def make_coded_tree(root: Path, per_class: dict[str, int], classes=("a", "b", "c")) -> Path:
+    """root/<split>/<class>/<k>.JPEG, image k of odd size (40 + k % 13) x (30 + k % 7) in colour CODES[k]."""
+    k = 0
+    for split, n in per_class.items():
+        for c in classes:
+            for _ in range(n):
+                path = root / split / c / f"{k:03d}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (40 + k % 13, 30 + k % 7), tuple(int(v) for v in CODES[k])).save(path, quality=95)
+                k += 1
+    return root
+
+
+def sample_ids(data: Path, split: str, images) -> list[list[int]]:
+    """Which dataset sample each image of each batch (uint8 NCHW tensors of coded images) is, read from its colour."""
+    import torch
+
+    rows = (data / f"{split}.samples.tsv").read_text().splitlines()[1:]
+    sample_of_code = {int(Path(r.split("\t")[3]).stem): int(r.split("\t")[0]) for r in rows}
+    codes_t = torch.from_numpy(CODES)
+    out = []
+    for x in images:
+        codes = torch.cdist(x.float().mean(dim=(2, 3)), codes_t).argmin(1).tolist()
+        assert all(c in sample_of_code for c in codes), "a colour that is not an image of this split"
+        out.append([sample_of_code[c] for c in codes])
+    return out

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from fastrsb.config import ConfigError, load_config
 from fastrsb.data import BACKENDS, LoaderError, create_loader
 from fastrsb.data.sampler import epoch_indices
 from fastrsb.dist import DistInfo
+from tests.datagen import sample_ids
 
 pytestmark = pytest.mark.timeout(300)
 FILE_BACKENDS = ["ffcv", "dali", "torch"]
@@ -35,44 +35,6 @@ def collect(loader):
         imgs.append(b.images.clone())
         tgts.append(b.targets.clone())
     return imgs, tgts
-
-
-LEVELS = (24, 72, 120, 168, 216)
-CODES = torch.tensor([(LEVELS[k % 5], LEVELS[k // 5 % 5], LEVELS[k // 25]) for k in range(125)], dtype=torch.float32)
-
-
-@pytest.fixture(scope="session")
-def coded_dataset(tmp_path_factory):
-    """Every image is one flat colour that encodes its own number (CODES), so whatever crop, flip
-    or resize a backend applies, its pixels still say which image it is: 14 train and 5 val
-    images per class, odd sizes."""
-    from PIL import Image
-
-    from dataprep.convert import Settings, convert
-
-    root = tmp_path_factory.mktemp("coded")
-    k = 0
-    for split, per_class in (("train", 14), ("val", 5)):
-        for c in ("a", "b", "c"):
-            for _ in range(per_class):
-                path = root / "src" / split / c / f"{k:03d}.JPEG"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.new("RGB", (40 + k % 13, 30 + k % 7), tuple(int(v) for v in CODES[k])).save(path, quality=95)
-                k += 1
-    convert(root / "src", root / "data", Settings(shard_size=16), workers=2, progress=False, log=lambda s: None)
-    return root / "data"
-
-
-def sample_ids(data, split: str, images: list[torch.Tensor]) -> list[list[int]]:
-    """Which dataset sample each image of each batch is, read from its colour."""
-    rows = (data / f"{split}.samples.tsv").read_text().splitlines()[1:]
-    sample_of_code = {int(Path(r.split("\t")[3]).stem): int(r.split("\t")[0]) for r in rows}
-    out = []
-    for x in images:
-        codes = torch.cdist(x.float().mean(dim=(2, 3)), CODES).argmin(1).tolist()
-        assert all(c in sample_of_code for c in codes), "a colour that is not an image of this split"
-        out.append([sample_of_code[c] for c in codes])
-    return out
 
 
 def batched(indices: np.ndarray, bs: int) -> list[list[int]]:

@@ -227,6 +227,82 @@ def test_sigterm_checkpoints_and_exits_cleanly(small_dataset, tmp_path):
     assert state["step"] == json.loads(out.strip().splitlines()[-1])["step"]  # the step it stopped after
 
 
+def _run_stopped_at(data, out, stops: list[str], *extra, backend: str, timeout: float = 180):
+    """`train` under tests.stop_at (stop signals sent at exact moments; see there), guarded: a run that does
+    not end in `timeout` s fails the test naming the stops. Returns (the CompletedProcess, seconds from the
+    last signal sent to the process's exit)."""
+    cmd = [sys.executable, "-m", "tests.stop_at", *stops, "--", "train", "--config", str(CONFIGS / "demo.yaml"),
+           "--data", str(data), "--out", str(out), *[f"--{o}" for o in TINY], f"--data.backend={backend}", *extra]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        stdout, stderr = p.communicate()
+        pytest.fail(f"hung: {backend} run stopped at {stops} had not exited after {timeout} s\n{stderr[-3000:]}")
+    ended = time.time()
+    sent = [float(t) for t in re.findall(r"\[stop_at\] SIG\w+ at \S+ t=([0-9.]+)", stderr)]
+    assert len(sent) == len(stops), f"not every stop was sent: {stops}\n{stderr[-3000:]}"
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr), ended - max(sent)
+
+
+# 60 images // batch 8 = 7 steps per epoch; REF_ARGS checkpoint at every log interval (2 steps)
+STOPS = {
+    "ffcv, SIGTERM at an epoch's last step": ("ffcv", ["step:7=TERM"]),
+    # ffcv's worker has put the epoch's last batches (data.ffcv_batches_ahead = 3) into its full queue
+    "ffcv, SIGTERM batches_ahead steps before an epoch's end": ("ffcv", ["step:4=TERM"]),
+    "ffcv, SIGTERM during the first batch": ("ffcv", ["step:1=TERM"]),
+    "dali, SIGTERM at an epoch's last step": ("dali", ["step:7=TERM"]),
+    "torch, SIGINT mid-epoch": ("torch", ["step:4=INT"]),
+    "torch, SIGTERM during evaluation": ("torch", ["eval:1=TERM"]),
+    "torch, SIGTERM during a checkpoint write": ("torch", ["save:3=TERM"]),
+}
+
+
+@pytest.mark.parametrize("case", STOPS)
+def test_a_stop_checkpoints_exits_0_promptly_and_the_run_resumes(small_dataset, case, request, tmp_path):
+    """A stop signal at an exact moment: the run finishes its step, writes a checkpoint and exits 0 within 30 s,
+    and `--resume auto` continues: to the uninterrupted run's weights on the backends that key every crop."""
+    backend, stops = STOPS[case]
+    out = tmp_path / "run"
+    r, exit_s = _run_stopped_at(small_dataset, out, stops, *REF_ARGS, backend=backend)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert exit_s < 30, f"{case}: exited {exit_s:.1f} s after the signal"
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["interrupted"] is True
+    from fastrsb.checkpoint import list_checkpoints, load
+
+    newest = load(list_checkpoints(out / "checkpoints")[0])
+    assert newest["step"] == result["step"] > 0  # the checkpoint of the step it stopped after
+    assert not list((out / "checkpoints").glob(".*.partial"))
+    resumed = _run(small_dataset, out, *REF_ARGS, "--resume=auto", backend=backend)
+    assert f"(epoch {newest['epoch']}, batch {newest['batch_in_epoch']})" in resumed.stdout
+    if backend == "dali":  # its crops come from DALI's own RNG: the run continues, not to the bit
+        assert _final(out)["epoch"] == 2
+        return
+    ref = request.getfixturevalue("ffcv_ref_run" if backend == "ffcv" else "ref_run")
+    a, b = _model_state(ref), _model_state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), case
+
+
+def test_a_second_sigint_during_the_checkpoint_write_discards_it(small_dataset, ref_run, tmp_path):
+    """Ctrl-C twice: the first asks for a stop after step 3, the second lands while that checkpoint is being
+    written. The run exits at once with 130, the half-written file is gone, the newest checkpoint is the whole
+    one of step 2, and the resumed run ends where an uninterrupted one does."""
+    out = tmp_path / "run"
+    r, _ = _run_stopped_at(small_dataset, out, ["step:3=INT", "save:2=INT"], *REF_ARGS, backend="torch")
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "second SIGINT at step 3" in r.stderr
+    from fastrsb.checkpoint import list_checkpoints, load
+
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [list_checkpoints(out / "checkpoints")[0].name]
+    assert load(list_checkpoints(out / "checkpoints")[0])["step"] == 2
+    _run(small_dataset, out, *REF_ARGS, "--resume=auto")
+    a, b = _model_state(ref_run), _model_state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_corrupt_checkpoint_is_refused_and_auto_resume_skips_it(small_dataset, ref_run, tmp_path):
     from fastrsb.checkpoint import CheckpointError, latest_loadable, list_checkpoints, load
 
@@ -430,6 +506,50 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_resumes(tmp_path):
     assert re.search(r"resumed from .* \(epoch 1, batch [1-3]\)", stdout), stdout[-2000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == [1, 2, 3]
+    one, _ = _one_process_weights(tmp_path, "train.epochs=3")
+    resumed = _model_state(out)
+    for k in one:
+        torch.testing.assert_close(resumed[k], one[k], **DDP_TOL, msg=k)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_torchrun_stops_the_whole_group_cleanly(tmp_path):
+    """A scheduler cancels the job: SIGTERM to torchrun in the middle of epoch 2. torchrun forwards it to its
+    workers; they agree on the stop at the next log interval, write one checkpoint together and exit 0 before
+    torchrun's grace period ends (no worker is SIGKILLed), and the resumed group ends where a 1-process run ends."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastrsb",
+           "train", "--config", str(CONFIGS / "demo.yaml"), "--out", str(out), "--resume", "auto",
+           *[f"--{o}" for o in DDP], f"--data.batch_size={DDP_BATCH}", "--train.epochs=3"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers: list[int] = []
+    try:
+        t0 = time.time()
+        while not any((out / "checkpoints").glob("ckpt_e0001_s00000000[56].pt")):  # epoch 2 runs steps 5-8
+            assert p.poll() is None and time.time() - t0 < 240
+            time.sleep(0.02)
+        workers = _children(p.pid)
+        p.send_signal(signal.SIGTERM)
+        sent = time.time()
+        try:
+            _, stderr = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("hung: torchrun and its workers had not exited 90 s after SIGTERM")
+        exit_s = time.time() - sent
+    finally:
+        if p.poll() is None:
+            for pid in [*_children(p.pid), *workers]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
+    assert exit_s < 30, f"the group took {exit_s:.1f} s to stop"
+    assert "exitcode: -9" not in stderr and "SIGKILL" not in stderr, stderr[-3000:]  # no worker had to be killed
+    from fastrsb.checkpoint import list_checkpoints, load
+
+    newest = load(list_checkpoints(out / "checkpoints")[0])
+    assert newest["epoch"] == 1 and newest["batch_in_epoch"] > 0, (newest["epoch"], newest["batch_in_epoch"])  # in epoch 2
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     one, _ = _one_process_weights(tmp_path, "train.epochs=3")
     resumed = _model_state(out)
     for k in one:

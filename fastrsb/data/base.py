@@ -3,7 +3,7 @@ SyntheticLoader) is, so that the trainer never branches on the backend."""
 from __future__ import annotations
 
 import os
-from typing import Iterator, NamedTuple
+from typing import Generator, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +41,9 @@ class SplitLoader:
         num_classes, num_samples     of the split (num_samples: before sharding and repeats)
         batch_size                   per process
 
-    A backend implements `_epoch(indices)`: this rank's sample indices for the epoch -> Batches."""
+    A backend implements `_epoch(indices)`: this rank's sample indices for the epoch -> a generator of
+    Batches whose close() (at any position) returns promptly and leaves the backend ready for the next
+    epoch (tests/test_no_hangs.py)."""
 
     def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, num_samples: int, num_classes: int):
         self.cfg, self.split, self.dist = cfg, split, dist
@@ -49,6 +51,7 @@ class SplitLoader:
         self.num_samples, self.num_classes = num_samples, num_classes
         self.batch_size = cfg.batch_size
         self.epoch, self.start_batch = 0, 0
+        self._running: Generator[Batch, None, None] | None = None  # the latest epoch's batches
         self.resolution = cfg.train_res if self.train else cfg.val_res
         self.workers = cfg.workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
 
@@ -85,9 +88,12 @@ class SplitLoader:
         self.resolution = px
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._running is not None:  # an epoch still held open by its caller ends before the next starts
+            self._running.close()
         idx = self.indices()
         self.start_batch = 0  # a resume offset applies to one epoch only
-        return self._epoch(idx)
+        self._running = self._epoch(idx)
+        return self._running
 
     def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
         raise NotImplementedError

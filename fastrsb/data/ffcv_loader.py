@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import queue
 from dataclasses import replace
 from itertools import islice
 from typing import Iterator
@@ -231,8 +232,24 @@ class FfcvLoader(SplitLoader):
                     self.decode_stats.add(outcomes)
                 yield nhwc_to_batch(images, labels)
         finally:
-            # An epoch left early (a benchmark window, a test's next()) leaves ffcv's worker thread filling its
-            # queue, and that thread reads loader.code before every batch: after a recompile (set_resolution) it
-            # would run the new code on its old, smaller buffers. Stop it (it notices within 0.5 s) before going on.
-            epoch.close()
-            epoch.join()
+            _stop_epoch(epoch)
+
+
+def _stop_epoch(epoch) -> None:
+    """End ffcv's worker thread of an epoch that may have been left early (a benchmark window, a test's
+    next(), a stop signal). The thread must be gone before going on: it reads loader.code before every
+    batch, and after a recompile (set_resolution) it would run the new code on its old, smaller buffers.
+
+    ffcv's own close() + join() can wait forever: the thread ends an epoch with output_queue.put(None),
+    which neither times out nor looks at the terminate event, so once it has put the last batch into a
+    full queue nobody will read, it blocks. So: ask it to stop, and keep the queue drained until it has
+    (a batch in flight finishes within one batch's decode; the queue waits re-check every 0.5 s)."""
+    epoch.terminate_event.set()
+    while epoch.is_alive():
+        try:
+            while True:
+                epoch.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        epoch.join(timeout=0.05)
+    epoch.close()  # leaves the epoch's memory context, now that no thread reads it
