@@ -10,12 +10,15 @@ Two passes per split:
  2. FFCV: a DatasetWriter over the checked samples. In `jpg` mode it stores the very JPEG
     bytes of the shards (no second decode or lossy re-encode); raw/smart/proportion modes
     re-read the checked originals so raw pixels stay lossless.
+Then per split the listing (<split>.samples.tsv) and the stored images' sizes (<split>.sizes.npy,
+height and width as the sidecars recorded them when the shard was written).
 Nothing undecodable reaches either writer (ffcv's writer hangs and DALI pipelines die on one
 bad sample). The manifest is written last and atomically: without it a dataset is incomplete.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -149,7 +152,7 @@ class StoredSample:
     key: str  # its name in the tar shard (the candidate number)
     source: str  # the source file
     label: int
-    height: int
+    height: int  # of the JPEG as stored (after any re-encode/resize): OUT/<split>.sizes.npy
     width: int
     reencode_reason: str  # "" when the source's own bytes are stored (dataprep.images.reencode_reason)
     offset: int = -1  # of its JPEG bytes in the shard's tar
@@ -270,6 +273,8 @@ class _Converter:
                     inputs.append([str(p), label, st.st_size, st.st_mtime_ns])
                 except OSError:
                     inputs.append([str(p), label, -1, -1])
+            # "v": a conversion into an OUT of another format version redoes every shard (and so the beton), it
+            # never mixes the two (tests/test_convert.py::test_a_format_1_dataset_is_refused_and_rebuilt_in_place)
             fp = _fingerprint({"v": FORMAT_VERSION, "sidecar": _SIDECAR_VERSION, "max_res": self.s.max_resolution,
                                "q": self.s.jpeg_quality, "as_is": not self.s.reencode, "start": start, "inputs": inputs})
             plan.append({"stem": shard_stem(split, j), "start": start, "chunk": chunk, "fingerprint": fp})
@@ -347,6 +352,18 @@ class _Converter:
         self.log(f"[convert] {split}: {rel} done in {time.time() - t0:.1f}s")
         return rel
 
+    def _write_sizes(self, split: str, sides: list[_Shard]) -> str:
+        """OUT/<split>.sizes.npy: int32 (num_samples, 2), the stored JPEG's (height, width) per dataset index
+        (dataprep.layout.SplitInfo.image_sizes reads it)."""
+        rel = f"{split}.sizes.npy"
+        sizes = np.array([(e.height, e.width) for sd in sides for e in sd.samples], dtype="<i4").reshape(-1, 2)
+        buf = io.BytesIO()
+        np.save(buf, sizes, allow_pickle=False)
+        data = buf.getvalue()
+        atomic_write_bytes(self.out / rel, data)
+        self._record(rel, len(data), hashlib.sha256(data).hexdigest())
+        return rel
+
     def _remove_stale_shards(self, split: str, count: int) -> None:
         for p in self.shard_dir.glob(f"{split}-*"):
             stem = p.name.split(".")[0]
@@ -400,6 +417,7 @@ class _Converter:
             atomic_write_bytes(self.out / listing, data)
             self._record(listing, len(data), hashlib.sha256(data).hexdigest())
             info["samples"] = listing
+            info["sizes"] = self._write_sizes(split, sides)
             splits[split] = info
         if "dali" not in self.s.formats:
             shutil.rmtree(self.shard_dir, ignore_errors=True)

@@ -1,4 +1,9 @@
-"""`fastrsb verify`: check a converted dataset against its manifest and decode its samples."""
+"""`fastrsb verify`: check a converted dataset against its manifest and decode its samples.
+
+Stored image sizes (<split>.sizes.npy, what the shard-reading backends place their crops by) are
+checked three ways: the record itself (SplitInfo.image_sizes: one row per sample, sides within
+1..max_resolution), every checked shard sample's decoded JPEG, and every sample's height/width in the
+.beton's metadata (all of them, in --quick too: the metadata is read whole anyway)."""
 from __future__ import annotations
 
 import random
@@ -16,6 +21,11 @@ class VerifyError(DatasetError):
     """The dataset does not match its manifest or holds a sample that does not decode."""
 
 
+def _size_mismatch(split, i: int, what: str, h: int, w: int, sizes: np.ndarray) -> VerifyError:
+    return VerifyError(f"{split.root / split.sizes}: {split.describe_sample(i)} is {h}x{w} (height x width) {what}, "
+                       f"the size record says {int(sizes[i, 0])}x{int(sizes[i, 1])}")
+
+
 def _pick(n: int, quick: bool, rng: random.Random, k: int = 64) -> list[int]:
     """Every sample, or with quick a few random ones plus the first and the last."""
     if not quick or n <= k:
@@ -23,7 +33,7 @@ def _pick(n: int, quick: bool, rng: random.Random, k: int = 64) -> list[int]:
     return sorted(set(rng.sample(range(n), k)) | {0, n - 1})
 
 
-def _check_dali(split, labels: np.ndarray, quick: bool, rng: random.Random) -> list[bytes | None]:
+def _check_dali(split, labels: np.ndarray, sizes: np.ndarray, quick: bool, rng: random.Random) -> list[bytes | None]:
     """Returns the JPEG bytes of the checked samples by global index (None where not read)."""
     jpegs: list[bytes | None] = [None] * len(labels)
     base = 0
@@ -50,9 +60,11 @@ def _check_dali(split, labels: np.ndarray, quick: bool, rng: random.Random) -> l
                 if member is None or member.size != e["jpg"][1]:
                     raise VerifyError(f"{idx_path}: entry {k} does not point at a .jpg member of {tar_path}")
                 try:
-                    decode_jpeg(data)
+                    arr = decode_jpeg(data)
                 except (BadImage, OSError, SyntaxError) as err:
                     raise VerifyError(f"{tar_path}: sample {member.name} does not decode: {err}") from None
+                if arr.shape[:2] != tuple(sizes[i]):
+                    raise _size_mismatch(split, i, "as its JPEG decodes", *arr.shape[:2], sizes)
                 jpegs[i] = data
         base += len(entries)
     if base != len(labels):
@@ -60,7 +72,7 @@ def _check_dali(split, labels: np.ndarray, quick: bool, rng: random.Random) -> l
     return jpegs
 
 
-def _check_ffcv(split, labels: np.ndarray, quick: bool, rng: random.Random, dali_jpegs) -> None:
+def _check_ffcv(split, labels: np.ndarray, sizes: np.ndarray, quick: bool, rng: random.Random, dali_jpegs) -> None:
     try:
         from ffcv.reader import Reader
     except ImportError as e:
@@ -81,15 +93,19 @@ def _check_ffcv(split, labels: np.ndarray, quick: bool, rng: random.Random, dali
     if not np.array_equal(got, labels):
         bad = int(np.flatnonzero(got != labels)[0])
         raise VerifyError(f"{path}: sample {bad} has label {got[bad]}, manifest order says {labels[bad]}")
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    hw = np.stack([np.asarray(meta[img_col]["height"], np.int64), np.asarray(meta[img_col]["width"], np.int64)], 1)
+    if not np.array_equal(hw, sizes):
+        bad = int(np.flatnonzero((hw != sizes).any(axis=1))[0])
+        raise _size_mismatch(split, bad, f"in {path.name}'s metadata", int(hw[bad, 0]), int(hw[bad, 1]), sizes)
+    alloc = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
     with open(path, "rb") as f:
         for i in _pick(len(labels), quick, rng):
             rec = meta[img_col][i]
             ptr, h, w, mode = int(rec["data_ptr"]), int(rec["height"]), int(rec["width"]), int(rec["mode"])
-            if ptr not in sizes:
+            if ptr not in alloc:
                 raise VerifyError(f"{path}: sample {i} points outside the allocation table")
             f.seek(ptr)
-            data = f.read(sizes[ptr])
+            data = f.read(alloc[ptr])
             if mode == 0:  # jpg
                 try:
                     arr = decode_jpeg(data)
@@ -119,8 +135,12 @@ def verify(root: str | Path, quick: bool = False, log: Callable[[str], None] = p
         if len(s["per_class"]) != ds.num_classes or sum(s["per_class"]) != s["num_samples"]:
             raise VerifyError(f"manifest: split '{name}' per_class does not add up to num_samples over {ds.num_classes} classes")
         labels = split.labels
-        jpegs = _check_dali(split, labels, quick, rng) if "dali" in ds.formats else None
+        try:
+            sizes = split.image_sizes()
+        except DatasetError as e:
+            raise VerifyError(str(e)) from None
+        jpegs = _check_dali(split, labels, sizes, quick, rng) if "dali" in ds.formats else None
         if "ffcv" in ds.formats:
-            _check_ffcv(split, labels, quick, rng, jpegs)
+            _check_ffcv(split, labels, sizes, quick, rng, jpegs)
         log(f"[verify] {name}: {s['num_samples']} samples OK ({', '.join(ds.formats)}{', quick' if quick else ''})")
     log(f"[verify] {ds.root}: OK")

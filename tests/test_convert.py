@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -448,3 +449,197 @@ def test_reencode_reasons_read_the_jpeg_header():
     rgb = io.BytesIO()
     Image.open(io.BytesIO(good)).save(rgb, format="JPEG", quality=90, keep_rgb=True)  # components 'R','G','B', no JFIF
     assert jpeg_header(rgb.getvalue()).colorspace == "rgb" and reencode_reason(rgb.getvalue(), 512) == "rgb JPEG"
+
+
+# ---- stored image sizes (dataset format 2): <split>.sizes.npy ----------------------------------------------------
+
+def _rehash(root: Path, rel: str) -> None:
+    """Make the manifest's size and sha256 of `rel` match the (tampered) file, so the check behind them is reached."""
+    from dataprep.layout import sha256_file
+
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["files"][rel] = {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def sizes_of(out: Path, split: str) -> list[list[int]]:
+    return open_dataset(out).split(split).image_sizes().tolist()
+
+
+def _decoded_sizes(out: Path, split: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(height, width) of every stored JPEG of a split read from the shards: by PIL's header read and by a full decode."""
+    import io
+
+    from PIL import Image
+
+    loc = open_dataset(out).split(split).shard_locations()
+    header, decoded = [], []
+    for j, off, size in zip(loc.shard.tolist(), loc.offset.tolist(), loc.size.tolist()):
+        with open(loc.tar_paths[j], "rb") as f:
+            f.seek(off)
+            data = f.read(size)
+        with Image.open(io.BytesIO(data)) as im:
+            header.append(im.size[::-1])  # PIL: (width, height), from the header only
+            im.load()
+            decoded.append(np.asarray(im).shape[:2])
+    return header, decoded
+
+
+def test_recorded_sizes_are_the_stored_jpegs_sizes(messy, tmp_path):
+    """image_sizes() is the (height, width) of each stored JPEG, by dataset index: what PIL reads from the header and
+    decodes, and the .beton's metadata; the messy inputs land where the converter's rules put them (odd sizes kept,
+    oversized ones fitted to max_resolution 256 with sizes truncated, grayscale/CMYK/PNG/GIF re-encoded at their size).
+    ffcv's raw write mode, which resizes the originals itself, records the same sizes in its metadata."""
+    from ffcv.reader import Reader
+
+    from dataprep.images import fit_size
+
+    src, out, m, truth = messy
+    ds = open_dataset(out)
+    expected_by_name = {"cat_0.JPEG": (53, 37), "cat_1.JPEG": (192, 256), "cat_2.JPEG": (5, 256), "cat_3.JPEG": (64, 64),
+                        "gray.JPEG": (60, 80), "cmyk.JPEG": (60, 80), "png_in_disguise.JPEG": (90, 70),
+                        "palette.jpg": (40, 50), "progressive.JPEG": (90, 120), "ünïcödé_名前.JPEG": (44, 66)}
+    assert fit_size(1001, 20, 256) == (256, 5) and fit_size(500, 375, 256) == (256, 192)
+    for split in ("train", "val"):
+        info = ds.split(split)
+        sizes = info.image_sizes()
+        assert sizes.dtype == np.int32 and sizes.shape == (info.num_samples, 2)
+        header, decoded = _decoded_sizes(out, split)
+        assert sizes.tolist() == [list(hw) for hw in header] == [list(hw) for hw in decoded]
+        reader = Reader(str(info.beton_path))
+        meta = reader.metadata[f"f{reader.field_names.index('image')}"]
+        assert sizes.tolist() == np.stack([meta["height"], meta["width"]], 1).tolist()
+        names = [Path(r.split("\t")[3]).name for r in (out / f"{split}.samples.tsv").read_text().splitlines()[1:]]
+        recorded = {name: tuple(hw) for name, hw in zip(names, sizes.tolist()) if name in expected_by_name}
+        assert recorded == (expected_by_name if split == "train" else {})
+        assert m["splits"][split]["sizes"] == f"{split}.sizes.npy"
+        assert m["files"][f"{split}.sizes.npy"]["size"] == (out / f"{split}.sizes.npy").stat().st_size
+    # ffcv's raw write mode: pixels re-read from the originals and resized by ffcv, the same sizes
+    raw = convert(src, tmp_path / "raw", Settings(max_resolution=256, shard_size=5, write_mode="raw"), workers=2,
+                  progress=False, log=lambda s: None)
+    assert raw["splits"]["train"]["num_samples"] == truth["good"]["train"]
+    info = open_dataset(tmp_path / "raw").split("train")
+    reader = Reader(str(info.beton_path))
+    meta = reader.metadata[f"f{reader.field_names.index('image')}"]
+    assert (meta["mode"] == 1).all()  # raw pixels
+    assert info.image_sizes().tolist() == np.stack([meta["height"], meta["width"]], 1).tolist() == sizes_of(out, "train")
+    verify(tmp_path / "raw", quick=True, log=lambda s: None)
+
+
+def test_a_bad_size_record_is_a_dataset_error_naming_the_file_and_sample(messy, tmp_path):
+    import shutil
+
+    src, out, m, truth = messy
+    work = tmp_path / "copy"
+    shutil.copytree(out, work)
+    path = work / "train.sizes.npy"
+    good = np.load(path)
+    for bad, match in [(good[:-1], r"train.sizes.npy: 18 image sizes, split 'train' has 19 samples"),
+                       (good[:, :1], r"train.sizes.npy: holds a int32 array of shape \(19, 1\)"),
+                       (np.where(np.arange(19)[:, None] == 7, [0, 80], good).astype(np.int32),
+                        r"train.sizes.npy: sample 7 \(key 000000008, in dali/train-00001.tar\) records height x width "
+                        r"0x80 \(sides must be 1..256\)"),
+                       (np.where(np.arange(19)[:, None] == 3, [64, 257], good).astype(np.int32), r"sample 3 .* 64x257")]:
+        np.save(path, bad)
+        _rehash(work, "train.sizes.npy")
+        with pytest.raises(DatasetError, match=match):
+            open_dataset(work).split("train").image_sizes()
+        with pytest.raises(VerifyError, match=match):
+            verify(work, quick=True, log=lambda s: None)
+    path.write_bytes(b"not an array")
+    _rehash(work, "train.sizes.npy")
+    with pytest.raises(DatasetError, match=r"train.sizes.npy: not a readable .npy array .* re-run `fastrsb convert`"):
+        open_dataset(work).split("train").image_sizes()
+
+
+def test_verify_catches_a_tampered_size_record(messy, tmp_path):
+    """A plausible wrong size (in range, file size kept, manifest sha256 updated: what a converter bug would leave) is
+    caught against the JPEG in the shard and, independently, against the .beton's metadata, naming the sample's
+    dataset index, key and shard."""
+    import shutil
+
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
+
+    src, out, m, truth = messy
+    # the record: train sample 7 (key 000000008, the second sample of shard 1) one row taller
+    work = tmp_path / "record"
+    shutil.copytree(out, work)
+    sizes = np.load(work / "train.sizes.npy")
+    h, w = sizes[7]
+    sizes[7, 0] += 1
+    np.save(work / "train.sizes.npy", sizes)
+    _rehash(work, "train.sizes.npy")
+    for quick in (False, True):
+        with pytest.raises(VerifyError, match=rf"train.sizes.npy: sample 7 \(key 000000008, in dali/train-00001.tar\) "
+                                              rf"is {h}x{w} \(height x width\) as its JPEG decodes, the size record "
+                                              rf"says {h + 1}x{w}"):
+            verify(work, quick=quick, log=lambda s: None)
+
+    # the beton: val sample 4's width in the metadata table says one column more; shards and record agree
+    work = tmp_path / "beton"
+    shutil.copytree(out, work)
+    beton = work / "val.beton"
+    reader = Reader(str(beton))
+    table = np.memmap(beton, dtype=reader.metadata_type, mode="r+", shape=(reader.num_samples,),
+                      offset=HeaderType.itemsize + reader.field_descriptors.nbytes)
+    image = f"f{reader.field_names.index('image')}"
+    h, w = int(table[image]["height"][4]), int(table[image]["width"][4])
+    table[image]["width"][4] += 1
+    table.flush()
+    del table
+    _rehash(work, "val.beton")
+    for quick in (False, True):
+        with pytest.raises(VerifyError, match=rf"val.sizes.npy: sample 4 \(key 000000004, in dali/val-00000.tar\) is "
+                                              rf"{h}x{w + 1} \(height x width\) in val.beton's metadata, the size "
+                                              rf"record says {h}x{w}"):
+            verify(work, quick=quick, log=lambda s: None)
+
+
+def test_a_format_1_dataset_is_refused_and_rebuilt_in_place(tmp_path, monkeypatch):
+    """A dataset written before the sizes were recorded (format 1: no <split>.sizes.npy, shard fingerprints of format
+    1) is refused by open_dataset, the loaders and verify with a message that gives the convert command to re-run;
+    re-running it into the same OUT redoes every shard and the beton (no format-1 shard is re-used) and gives the
+    dataset a clean conversion gives."""
+    import dataprep.convert as conv
+
+    src = tmp_path / "src"
+    make_good_tree(src, 4)
+    out = tmp_path / "out"
+    settings = Settings(max_resolution=80, shard_size=5)
+    with monkeypatch.context() as mp:  # what fastrsb's format-1 converter wrote: its fingerprints, its manifest ...
+        mp.setattr(conv, "FORMAT_VERSION", 1)
+        convert(src, out, settings, workers=1, progress=False, log=lambda s: None)
+    manifest = json.loads((out / MANIFEST).read_text())  # ... and no sizes
+    assert manifest["format_version"] == 1
+    del manifest["files"]["train.sizes.npy"], manifest["splits"]["train"]["sizes"]
+    (out / "train.sizes.npy").unlink()
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    old_sidecars = {p.name: p.read_text() for p in (out / ".work").glob("*.json")}
+    assert len(old_sidecars) == 4  # 3 shards + the beton's
+
+    command = f"fastrsb convert {src} {out} --max-resolution 80 --shard-size 5"
+    msg = (rf"{re.escape(str(out / MANIFEST))}: dataset format 1, this fastrsb reads format 2 .* Re-run the conversion "
+           rf"into the same directory: `{re.escape(command)}`.* rebuilds the dataset in place")
+    with pytest.raises(DatasetError, match=msg):
+        open_dataset(out)
+    with pytest.raises(DatasetError, match=msg):
+        verify(out, log=lambda s: None)
+    r = subprocess.run([sys.executable, "-m", "fastrsb", "verify", str(out)], capture_output=True, text=True)
+    assert r.returncode == 1 and command in r.stderr
+
+    logs: list[str] = []
+    m = convert(src, out, settings, workers=1, progress=False, log=logs.append)
+    assert not any("re-using" in line for line in logs), logs
+    assert any("writing train.beton" in line for line in logs)
+    new_sidecars = {p.name: p.read_text() for p in (out / ".work").glob("*.json")}
+    assert set(new_sidecars) == set(old_sidecars)
+    assert all(new_sidecars[k] != old_sidecars[k] for k in old_sidecars)  # every fingerprint is format 2's
+    assert m["format_version"] == 2 and json.loads((out / MANIFEST).read_text())["format_version"] == 2
+    verify(out, log=lambda s: None)
+    clean = convert(src, tmp_path / "clean", settings, workers=1, progress=False, log=lambda s: None)
+    assert m["splits"] == clean["splits"]
+    for rel, meta in clean["files"].items():
+        if not rel.endswith(".beton"):  # ffcv's page layout depends on worker timing
+            assert m["files"][rel] == meta, rel
+    assert open_dataset(out).split("train").image_sizes().tolist() == sizes_of(tmp_path / "clean", "train")
