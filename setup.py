@@ -1,10 +1,13 @@
 from setuptools import find_packages, setup
 
-# torch/torchvision are pinned to the builds the project is tested with; ffcv
-# compiles against Debian's libopencv-dev/libturbojpeg (scripts/bootstrap.sh).
+# torch/torchvision are ranges, not pins: from the oldest release the tests have passed on (torch 2.11.0 +
+# torchvision 0.26.0, the lent GPU machine's and many clusters' site torch) to below the next major. A pin would
+# make `pip install -e .` replace an existing, working torch with a ~5 GB download of another build.
+# scripts/bootstrap.sh installs the exact tested builds (torch 2.14.1, torchvision 0.29.1) on a fresh machine
+# before this file is read. ffcv compiles against Debian's libopencv-dev/libturbojpeg (scripts/bootstrap.sh).
 CORE = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
+    "torch>=2.11,<3",
+    "torchvision>=0.26,<1",
     "timm>=1.0",
     "numpy",
     "numba",  # RandAugment's CPU kernels (fastrsb/augment/randaugment_cpu.py)
@@ -15,7 +18,9 @@ CORE = [
     "scikit-learn",  # ships the embedded demo dataset (handwritten digits)
 ]
 FFCV = ["ffcv==1.0.2", "opencv-python"]
-DALI = ["nvidia-dali-cuda120"]
+# DALI's wheel must match torch's CUDA major: the torch builds above are CUDA 13 (torch.version.cuda 13.0).
+# 2.4.0 is the release the tests ran; DALI deprecates and renames ops between minor releases.
+DALI = ["nvidia-dali-cuda130==2.4.0"]
 TEST = ["pytest", "pytest-timeout", "scikit-image"]
 
 setup(

@@ -29,7 +29,8 @@ want=$(sha256sum setup.py scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing python packages (first run: several minutes, torch is ~5 GB)"
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  # torch first and pinned: ffcv's and timm's resolution must not pull another build.
+  # torch first and pinned to the tested builds: setup.py states only ranges (so that an existing torch is
+  # kept), and ffcv's and timm's resolution must not pull another build.
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
   .venv/bin/python -m pip install -q -e ".[all]"
   echo "$want" > "$stamp"
