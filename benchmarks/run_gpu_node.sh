@@ -7,19 +7,44 @@
 # DATA: a dataset written by `fastrsb convert` (ImageNet for figures worth quoting), or the word
 # `imagenet-like` to generate 3,000 ImageNet-sized JPEGs and convert them (a smoke test of the suite).
 # NPROC: GPUs to use (default: all). Sets up .venv first (scripts/bootstrap.sh) when it is not ready.
-# Refuses to start without a GPU. Every step runs even when one fails; the exit status is 1 and the
-# summary names each failed step, whose results are left out rather than shown.
+# Refuses a machine without a GPU before installing anything. Every step runs even when one fails; the exit
+# status is 1 and the summary names each failed step, whose results are left out rather than shown.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:?usage: benchmarks/run_gpu_node.sh DATA [NPROC]}
+no_gpu() {  # $1: who saw no GPU, as "nvidia-smi -L lists no GPU"
+  echo "run_gpu_node.sh: $1 on $(hostname); this suite measures GPUs. On a CPU use the" \
+       "commands in docs/benchmarks.md's Measured table, or benchmarks/device_check.sh for a CPU smoke run." >&2
+  exit 2
+}
+# No GPU, no install: bootstrap takes minutes on a fresh machine, so look before it. nvidia-smi, where there is
+# one, decides (no driver: it fails; no device: it lists none); without it, a torch already installed (.venv's,
+# else python3's); with neither, a device node. The check after bootstrap stays: it asks the run's own torch.
+refuse_without_gpu() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -q '^GPU [0-9]' || no_gpu "nvidia-smi -L lists no GPU"
+    return
+  fi
+  local py
+  for py in .venv/bin/python python3; do  # exit 0: a GPU, 4: none; else (no such python, no torch) the next one
+    "$py" -c 'import sys
+try:
+    import torch
+except Exception:
+    sys.exit(3)
+sys.exit(0 if torch.cuda.is_available() else 4)' >/dev/null 2>&1
+    case $? in
+      0) return ;;
+      4) no_gpu "torch sees no GPU" ;;
+    esac
+  done
+  ls /dev/nvidia[0-9]* >/dev/null 2>&1 || no_gpu "no nvidia-smi, torch or /dev/nvidia* shows a GPU"
+}
+refuse_without_gpu
 bash scripts/bootstrap.sh || { echo "run_gpu_node.sh: setting up .venv failed (scripts/bootstrap.sh)" >&2; exit 2; }
 PY=.venv/bin/python
 GPUS=$($PY -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)') || exit 2
-if [ "$GPUS" -eq 0 ]; then
-  echo "run_gpu_node.sh: torch sees no GPU on $(hostname); this suite measures GPUs. On a CPU use the" \
-       "commands in docs/benchmarks.md's Measured table, or benchmarks/device_check.sh for a CPU smoke run." >&2
-  exit 2
-fi
+[ "$GPUS" -gt 0 ] || no_gpu "torch sees no GPU"
 NPROC=${2:-$GPUS}
 GPU=$($PY -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0).replace("NVIDIA ", "")).strip("-"))')
 RES="benchmarks/results/${NPROC}x${GPU}"

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,50 @@ def test_table_lists_every_result_row(tmp_path):
     assert "data stall 25.0%" in lines[1] and lines[-1] == "FAILED steps (no results shown): e2e_torch"
 
 
-def test_run_gpu_node_refuses_a_machine_without_a_gpu():
+def _stub(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+NO_GPU = {  # how the machine says it has no GPU: a stub nvidia-smi, or none and the installed torch decides
+    "nvidia-smi without a driver": (
+        "echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\" >&2; exit 9",
+        ["nvidia-smi -L lists no GPU"]),
+    "nvidia-smi lists no device": ("echo 'No devices were found'; exit 6", ["nvidia-smi -L lists no GPU"]),
+    # .venv's torch (or python3's) where there is one; a fresh checkout with neither: no /dev/nvidia*
+    "no nvidia-smi": (None, ["torch sees no GPU", "no nvidia-smi, torch or /dev/nvidia* shows a GPU"]),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_GPU))
+def test_run_gpu_node_refuses_a_machine_without_a_gpu_before_installing_anything(tmp_path, case):
+    """Exit 2 with the no-GPU message within seconds, before scripts/bootstrap.sh: stubs for the first
+    commands bootstrap runs (dpkg, apt-get, sudo) record a call and fail, so a bootstrap would show even
+    where everything is installed, and could install nothing."""
+    smi, messages = NO_GPU[case]
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("dpkg", "apt-get", "sudo"):
+        _stub(stubs / name, f"echo {name} >> {tmp_path / 'installer_called'}; exit 1")
+    if smi is None:
+        import shutil
+
+        import torch
+
+        if shutil.which("nvidia-smi") or torch.cuda.is_available():
+            pytest.skip("this machine has a GPU or an nvidia-smi: the case needs neither")
+    else:
+        _stub(stubs / "nvidia-smi", smi)
+    stamp = ROOT / ".venv" / ".fastrsb-installed"
+    before = stamp.stat().st_mtime_ns if stamp.exists() else None
+    start = time.monotonic()
     r = subprocess.run(["bash", "benchmarks/run_gpu_node.sh", "imagenet-like"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 2 and "torch sees no GPU" in r.stderr
+                       text=True, timeout=120, env={**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}"})
+    took = time.monotonic() - start
+    assert r.returncode == 2 and any(f"run_gpu_node.sh: {m} on " in r.stderr for m in messages), r.stdout + r.stderr
+    assert "this suite measures GPUs" in r.stderr and "benchmarks/device_check.sh" in r.stderr
+    assert "[bootstrap]" not in r.stdout + r.stderr and "setting up .venv" not in r.stderr
+    assert not (tmp_path / "installer_called").exists()
+    assert (stamp.stat().st_mtime_ns if stamp.exists() else None) == before
+    assert took < 30, f"{case}: {took:.1f} s to refuse"
     assert not list((ROOT / "benchmarks" / "results").glob("*x*"))  # nothing written
