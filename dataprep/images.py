@@ -19,11 +19,21 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
+
+
+def _resize_area(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    """FFCV's resize rule (cv2 INTER_AREA), so .beton and shards hold the bytes ffcv's own writer would make.
+    cv2 comes with the ffcv extra; imported here so a machine without it converts every image that fits."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise RuntimeError("an image larger than max_resolution must be resized with OpenCV (FFCV's rule): "
+                           "pip install opencv-python-headless, or the ffcv extra") from e
+    cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
+    return cv2.resize(arr, (width, height), interpolation=cv2.INTER_AREA)
 
 
 class BadImage(Exception):
@@ -242,7 +252,7 @@ def prepare_image(path: str | Path, max_resolution: int, jpeg_quality: int, reen
     if (nw, nh) != (w, h):
         if min(nw, nh) < 1:
             raise BadImage(f"degenerate size {w}x{h}: resizing to max side {max_resolution} leaves an empty side")
-        arr = cv2.resize(arr, (nw, nh), interpolation=cv2.INTER_AREA)
+        arr = _resize_area(arr, nw, nh)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=jpeg_quality)
     return PreparedImage(buf.getvalue(), nh, nw, reencode_reason=reason)

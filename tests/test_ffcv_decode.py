@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastrsb.data.ffcv_decode import center_crop_geometry, flip_of, jpeg_mcu_size, random_resized_crop, resample
+from fastrsb.data.crops import crop_boxes, flip_of, random_resized_crop
+from fastrsb.data.ffcv_decode import center_crop_geometry, jpeg_mcu_size, resample
 from fastrsb.data.sampler import augmentation_keys
 from tests.datagen import textured
 

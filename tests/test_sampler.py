@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from fastrsb.data.sampler import epoch_indices, repeat_aug_length
+from fastrsb.data.sampler import epoch_indices, epoch_length, repeat_aug_length
 
 
 def _all_ranks(n, world, **kw):
@@ -75,6 +75,18 @@ def test_start_batch_resumes_exactly(repeats):
     for k in (0, 1, 5, len(full) // 16):
         rest = epoch_indices(1000, seed=7, epoch=2, rank=1, world_size=2, batch_size=16, num_repeats=repeats, start_batch=k)
         assert rest.tolist() == full[k * 16:].tolist()
+
+
+def test_epoch_length_is_the_length_of_the_epoch_without_drawing_it():
+    for n in (1, 3, 7, 100, 255, 256, 1000, 1031):
+        for world in (1, 2, 3, 8):
+            for bs in (1, 2, 16):
+                for repeats in (1, 3):
+                    for drop_last in (True, False):
+                        kw = dict(world_size=world, batch_size=bs, num_repeats=repeats, drop_last=drop_last)
+                        for rank in range(world):
+                            drawn = epoch_indices(n, seed=1, epoch=0, rank=rank, shuffle=drop_last, **kw)
+                            assert epoch_length(n, rank=rank, **kw) == len(drawn), (n, rank, kw)
 
 
 def test_bad_arguments_are_errors():

@@ -185,12 +185,23 @@ def ffcv_ref_run(small_dataset, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend", ["torch", "ffcv"])
+@pytest.fixture(scope="module")
+def dali_ref_run(small_dataset, tmp_path_factory):
+    """ref_run's uninterrupted run on dali."""
+    out = tmp_path_factory.mktemp("ref_dali") / "run"
+    _run(small_dataset, out, *REF_ARGS, backend="dali")
+    return out
+
+
+REF_RUNS = {"torch": "ref_run", "ffcv": "ffcv_ref_run", "dali": "dali_ref_run"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
 def test_kill_and_resume_is_bit_exact(small_dataset, backend, request, tmp_path):
     """SIGKILL mid-epoch, resume from the last checkpoint: the same final weights and metrics as an
-    uninterrupted run (CPU fp32). Both backends key each sample's crop and flip on (seed, epoch, sample
-    index, copy): torch through torchvision's RNG, ffcv through fastrsb's decoder."""
-    ref_run = request.getfixturevalue("ref_run" if backend == "torch" else "ffcv_ref_run")
+    uninterrupted run (CPU fp32). Every backend takes each sample's crop and flip from the one crop program,
+    keyed on (seed, epoch, sample index, copy), whichever process or thread decodes it."""
+    ref_run = request.getfixturevalue(REF_RUNS[backend])
     p = _run(small_dataset, tmp_path / "killed", *REF_ARGS, backend=backend, start_new_session=True)
     ckpts = tmp_path / "killed" / "checkpoints"
     t0 = time.time()
@@ -263,7 +274,7 @@ STOPS = {
 @pytest.mark.parametrize("case", STOPS)
 def test_a_stop_checkpoints_exits_0_promptly_and_the_run_resumes(small_dataset, case, request, tmp_path):
     """A stop signal at an exact moment: the run finishes its step, writes a checkpoint and exits 0 within 30 s,
-    and `--resume auto` continues: to the uninterrupted run's weights on the backends that key every crop."""
+    and `--resume auto` continues to the uninterrupted run's weights."""
     backend, stops = STOPS[case]
     out = tmp_path / "run"
     r, exit_s = _run_stopped_at(small_dataset, out, stops, *REF_ARGS, backend=backend)
@@ -278,10 +289,7 @@ def test_a_stop_checkpoints_exits_0_promptly_and_the_run_resumes(small_dataset, 
     assert not list((out / "checkpoints").glob(".*.partial"))
     resumed = _run(small_dataset, out, *REF_ARGS, "--resume=auto", backend=backend)
     assert f"(epoch {newest['epoch']}, batch {newest['batch_in_epoch']})" in resumed.stdout
-    if backend == "dali":  # its crops come from DALI's own RNG: the run continues, not to the bit
-        assert _final(out)["epoch"] == 2
-        return
-    ref = request.getfixturevalue("ffcv_ref_run" if backend == "ffcv" else "ref_run")
+    ref = request.getfixturevalue(REF_RUNS[backend])
     a, b = _model_state(ref), _model_state(out)
     assert all(torch.equal(a[k], b[k]) for k in a), case
 

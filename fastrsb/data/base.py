@@ -10,7 +10,7 @@ import torch
 
 from fastrsb.config import DataConfig
 from fastrsb.data import sampler
-from fastrsb.data.sampler import epoch_indices, epoch_samples, num_batches
+from fastrsb.data.sampler import epoch_samples, num_batches
 from fastrsb.dist import DistInfo
 
 
@@ -30,6 +30,14 @@ FILTERS = {
 }
 
 
+class EpochPlan(NamedTuple):
+    """What one epoch (or its rest after a resume offset) is on this rank, computed once per epoch."""
+
+    epoch: int
+    indices: np.ndarray  # int64: the dataset samples, in order
+    keys: np.ndarray  # uint64: each one's augmentation key (sampler.augmentation_keys)
+
+
 class SplitLoader:
     """What every backend is: one split (train or val) of one dataset on this rank, iterated an epoch at a
     time in the shared sampler's order. The trainer, evaluation and benchmarks use exactly this:
@@ -41,7 +49,7 @@ class SplitLoader:
         num_classes, num_samples     of the split (num_samples: before sharding and repeats)
         batch_size                   per process
 
-    A backend implements `_epoch(indices)`: this rank's sample indices for the epoch -> a generator of
+    A backend implements `_epoch(plan)`: the epoch's EpochPlan (this rank's samples, their keys) -> a generator of
     Batches whose close() (at any position) returns promptly and leaves the backend ready for the next
     epoch (tests/test_no_hangs.py)."""
 
@@ -50,31 +58,32 @@ class SplitLoader:
         self.train = split == "train"
         self.num_samples, self.num_classes = num_samples, num_classes
         self.batch_size = cfg.batch_size
+        self.num_repeats = cfg.num_repeats if self.train else 1
         self.epoch, self.start_batch = 0, 0
         self._running: Generator[Batch, None, None] | None = None  # the latest epoch's batches
         self.resolution = cfg.train_res if self.train else cfg.val_res
         self.workers = cfg.workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
 
-    def _sampler_args(self, epoch: int | None, start_batch: int | None) -> dict:
-        """This rank's place in the shared sampler: epoch (default the current one) from batch start_batch on."""
-        return dict(seed=self.cfg.seed, epoch=self.epoch if epoch is None else epoch, rank=self.dist.rank,
-                    world_size=self.dist.world_size, batch_size=self.batch_size,
-                    num_repeats=self.cfg.num_repeats if self.train else 1, shuffle=self.train, drop_last=self.train,
-                    start_batch=self.start_batch if start_batch is None else start_batch)
+    def _sampler_args(self, epoch: int, start_batch: int) -> dict:
+        return dict(seed=self.cfg.seed, epoch=epoch, rank=self.dist.rank, world_size=self.dist.world_size,
+                    batch_size=self.batch_size, num_repeats=self.num_repeats, shuffle=self.train,
+                    drop_last=self.train, start_batch=start_batch)
+
+    def plan(self, epoch: int | None = None, start_batch: int | None = None) -> EpochPlan:
+        """This rank's samples of an epoch (default: the current one, from its resume offset on) and their keys."""
+        epoch = self.epoch if epoch is None else epoch
+        start_batch = self.start_batch if start_batch is None else start_batch
+        indices, copies = epoch_samples(self.num_samples, **self._sampler_args(epoch, start_batch))
+        return EpochPlan(epoch, indices, sampler.augmentation_keys(self.cfg.seed, epoch, indices, copies))
 
     def indices(self, epoch: int | None = None, start_batch: int | None = None) -> np.ndarray:
-        return epoch_indices(self.num_samples, **self._sampler_args(epoch, start_batch))
-
-    def augmentation_keys(self, indices: np.ndarray) -> np.ndarray:
-        """The augmentation key of each of `indices`, the tail of this epoch's indices that _epoch was handed
-        (all of them, or those after a resume point): sampler.augmentation_keys."""
-        _, copies = epoch_samples(self.num_samples, **self._sampler_args(None, 0))
-        return sampler.augmentation_keys(self.cfg.seed, self.epoch, indices, copies[len(copies) - len(indices):])
+        return self.plan(epoch, start_batch).indices
 
     @property
     def epoch_length(self) -> int:
         """Samples this rank sees in a whole epoch."""
-        return len(self.indices(start_batch=0))
+        return sampler.epoch_length(self.num_samples, rank=self.dist.rank, world_size=self.dist.world_size,
+                                    batch_size=self.batch_size, num_repeats=self.num_repeats, drop_last=self.train)
 
     def __len__(self) -> int:
         return num_batches(self.epoch_length, self.batch_size, self.train)
@@ -88,12 +97,14 @@ class SplitLoader:
         self.resolution = px
 
     def __iter__(self) -> Iterator[Batch]:
+        """The current epoch's batches from its resume offset on; the offset then goes back to 0 (set_epoch
+        sets it for one epoch only)."""
         if self._running is not None:  # an epoch still held open by its caller ends before the next starts
             self._running.close()
-        idx = self.indices()
-        self.start_batch = 0  # a resume offset applies to one epoch only
-        self._running = self._epoch(idx)
+        plan = self.plan()
+        self.start_batch = 0
+        self._running = self._epoch(plan)
         return self._running
 
-    def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
+    def _epoch(self, plan: EpochPlan) -> Generator[Batch, None, None]:
         raise NotImplementedError

@@ -1,17 +1,21 @@
 """DALI backend: JPEG bytes read from the tar shards in the shared sampler's order through an
-external source, decoded by nvjpeg ("mixed", ROI decode of the random crop) on a GPU or by
-DALI's CPU decoder without one. Same pipeline code for both; device is a parameter."""
+external source, decoded by nvjpeg ("mixed") on a GPU or by DALI's CPU decoder without one. Same
+pipeline code for both; device is a parameter. Train crops come from the one crop program
+(fastrsb.data.crops), computed on the host per batch and fed to a ROI decode, so nvjpeg decodes only the
+window, and every backend crops alike."""
 from __future__ import annotations
 
+import io
 import os
 from enum import Enum
 from typing import Iterator
 
 import numpy as np
 
-from fastrsb.data.base import FILTERS, Batch, SplitLoader
+from dataprep.layout import DatasetError
+from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
+from fastrsb.data.crops import crop_boxes
 from fastrsb.data.staging import to_device
-from fastrsb.seeding import derive_seed
 
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -19,28 +23,51 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 
 class ShardSource:
-    """Batch source for fn.external_source: the JPEG bytes and labels of one epoch, in order.
+    """Batch source for fn.external_source: one epoch's JPEG bytes and labels, in order, and for train
+    each sample's crop window (anchor (y, x), shape (h, w)) and flip from the crop program.
 
-    Reading is a few pread calls per batch (decode happens in DALI's threads), so it runs in
-    the main process, where set_epoch can change the order without rebuilding the pipeline."""
+    Reading is a few pread calls per batch (decode happens in DALI's threads) and the windows a compiled
+    loop over the batch, so it runs in the main process, where an epoch can change without a rebuild."""
 
-    def __init__(self, locations, labels: np.ndarray, batch_size: int):
-        self.loc, self.labels, self.batch_size = locations, labels, batch_size
-        self.fds = [os.open(p, os.O_RDONLY) for p in locations.tar_paths]
-        self.order = np.zeros(0, np.int64)
+    def __init__(self, info, batch_size: int, cfg, train: bool):
+        self.info, self.batch_size, self.cfg, self.train = info, batch_size, cfg, train
+        self.loc, self.labels = info.shard_locations(), info.labels
+        self.sizes = info.image_sizes()  # checked here, before any work: the windows are placed by them
+        self.fds = [os.open(p, os.O_RDONLY) for p in self.loc.tar_paths]
+        self.plan: EpochPlan | None = None
         self.pos = 0
 
-    def start(self, order: np.ndarray) -> None:
-        self.order, self.pos = order, 0
+    def start(self, plan: EpochPlan) -> None:
+        self.plan, self.pos = plan, 0
 
     def __call__(self):
-        if self.pos >= len(self.order):
+        if self.plan is None or self.pos >= len(self.plan.indices):
             raise StopIteration
-        idx = self.order[self.pos:self.pos + self.batch_size]
+        sel = slice(self.pos, self.pos + self.batch_size)
+        idx = self.plan.indices[sel]
         self.pos += len(idx)
         jpegs = [np.frombuffer(os.pread(self.fds[self.loc.shard[i]], int(self.loc.size[i]), int(self.loc.offset[i])),
                                np.uint8) for i in idx]
-        return jpegs, [np.array([self.labels[i]], np.int32) for i in idx]
+        labels = [np.array([self.labels[i]], np.int32) for i in idx]
+        if not self.train:
+            return jpegs, labels
+        boxes, flips = crop_boxes(self.sizes[idx], self.plan.keys[sel], self.cfg.scale, self.cfg.ratio)
+        windows = boxes.astype(np.float32)
+        return jpegs, labels, list(windows[:, :2]), list(windows[:, 2:]), list(flips.astype(np.float32))
+
+    def sizes_disagreeing(self, start: int, stop: int) -> list[str]:
+        """The samples at positions start..stop of the epoch whose JPEG header disagrees with the size record."""
+        from PIL import Image
+
+        out = []
+        for i in self.plan.indices[max(0, start):stop]:
+            data = os.pread(self.fds[self.loc.shard[i]], int(self.loc.size[i]), int(self.loc.offset[i]))
+            with Image.open(io.BytesIO(data)) as im:
+                h, w = (int(v) for v in self.sizes[i])
+                if im.size != (w, h):
+                    out.append(f"{self.info.describe_sample(int(i))}: the JPEG is {im.height}x{im.width}, "
+                               f"{self.info.root / self.info.sizes} says {h}x{w}")
+        return out
 
     def close(self) -> None:
         for fd in self.fds:
@@ -64,11 +91,11 @@ class DaliLoader(SplitLoader):
             raise ValueError("data.dali_decode=mixed needs a cuda device; this run is on the cpu")
         self.decode = decode
         self.device_id = dist.device.index if dist.device.type == "cuda" else None
-        self.source = ShardSource(info.shard_locations(), info.labels, self.batch_size)
+        self.source = ShardSource(info, self.batch_size, cfg, self.train)
         self._pipe_res: int | None = None
         self._iter: DALIGenericIterator | None = None
         self._state = PipelineState.IDLE
-        self._primed: np.ndarray | None = None  # PRIMED: the indices whose first batches are under way
+        self._primed: EpochPlan | None = None  # PRIMED: the epoch whose first batches are under way
 
     def _build(self, res: int) -> DALIGenericIterator:
         cfg, train = self.cfg, self.train
@@ -76,20 +103,23 @@ class DaliLoader(SplitLoader):
         interp = getattr(types, FILTERS[cfg.interpolation]["dali"])
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.workers, device_id=self.device_id,
-                      seed=derive_seed(cfg.seed, "dali", self.dist.rank), prefetch_queue_depth=max(1, cfg.prefetch),
+                      prefetch_queue_depth=max(1, cfg.prefetch),
                       exec_dynamic=True)
         def pipe():
-            jpegs, labels = fn.external_source(source=self.source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
             if train:
-                images = fn.decoders.image_random_crop(jpegs, device=self.decode, output_type=types.RGB,
-                                                       random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio))
+                jpegs, labels, anchors, shapes, flips = fn.external_source(
+                    source=self.source, num_outputs=5, batch=True,
+                    dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT])
+                images = fn.decoders.image_slice(jpegs, anchors, shapes, device=self.decode, output_type=types.RGB,
+                                                 normalized_anchor=False, normalized_shape=False, axis_names="HW")
                 # the flip rides on the resize (a ROI whose x end precedes its start is mirrored): one pass
                 # over the output instead of two
-                flip = fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)
                 images = fn.resize(images, device=dev_out, resize_x=res, resize_y=res, interp_type=interp,
-                                   antialias=True, roi_relative=True, roi_start=fn.stack(0.0, flip),
-                                   roi_end=fn.stack(1.0, 1.0 - flip))
+                                   antialias=True, roi_relative=True, roi_start=fn.stack(0.0, flips),
+                                   roi_end=fn.stack(1.0, 1.0 - flips))
             else:
+                jpegs, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
+                                                   dtype=[types.UINT8, types.INT32])
                 images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
                 images = fn.resize(images, device=dev_out, resize_shorter=float(int(res / cfg.crop_pct)),
                                    interp_type=interp, antialias=True)
@@ -103,15 +133,17 @@ class DaliLoader(SplitLoader):
         return DALIGenericIterator([p], ["images", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL,
                                    auto_reset=False, prepare_first_batch=False)
 
-    def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
+    def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
         same_res = self._iter is not None and self._pipe_res == self.resolution
-        if same_res and self._state is PipelineState.PRIMED and np.array_equal(self._primed, indices):
+        primed = self._primed
+        if same_res and self._state is PipelineState.PRIMED and primed.epoch == plan.epoch \
+                and np.array_equal(primed.indices, plan.indices):
             pass  # the run-ahead guessed this epoch: its first batches are ready or under way
         elif same_res and self._state is PipelineState.IDLE:
-            self.source.start(indices)  # before reset: resetting starts prefetching from the source
+            self.source.start(plan)  # before reset: resetting starts prefetching from the source
             self._iter.reset()
         else:  # first epoch, new resolution, or batches of another order left in the pipeline
-            self.source.start(indices)
+            self.source.start(plan)
             self._iter = None  # free the old pipeline's threads and buffers first
             self._iter = self._build(self.resolution)
             self._pipe_res = self.resolution
@@ -123,15 +155,26 @@ class DaliLoader(SplitLoader):
         # current stream to DALI's __dlpack__; DALI makes that stream wait for its work (on a GPU: the
         # nvjpeg decode and resize), so the consumer reads finished batches, and the dynamic executor lets
         # us keep outputs for as long as we like (to_device holds `prefetch` of them).
-        for out in self._iter:
+        it = iter(self._iter)
+        while True:
+            try:
+                out = next(it)
+            except StopIteration:
+                break
+            except RuntimeError as e:  # a window outside its image: find which record is wrong
+                fed = self.source.pos
+                bad = self.source.sizes_disagreeing(fed - (self.cfg.prefetch + 2) * self.batch_size, fed)
+                if bad:
+                    raise DatasetError("; ".join(bad[:3]) + " (run `fastrsb verify`)") from e
+                raise
             yield out[0]["images"], out[0]["labels"]
         self._state = PipelineState.IDLE
         # Run ahead into the next epoch as DALI's own readers do, so its first batches decode
         # while the trainer validates or checkpoints instead of after. The sampler is a pure
         # function, so the guess is exact unless the caller picks another epoch or resolution;
         # then _epoch rebuilds, and the epoch is still exact.
-        nxt = self.indices(epoch=self.epoch + 1, start_batch=0)
-        if len(nxt):
+        nxt = self.plan(epoch=self.epoch + 1, start_batch=0)
+        if len(nxt.indices):
             self.source.start(nxt)
             self._iter.reset()
             self._state, self._primed = PipelineState.PRIMED, nxt

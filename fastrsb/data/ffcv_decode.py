@@ -1,8 +1,8 @@
 """fastrsb's JPEG decode stage for ffcv: seeded crop boxes, a reduced decode, PIL's resampling.
 
 Per sample, in one compiled pass (numba, one thread per image):
- 1. the box: torchvision's RandomResizedCrop algorithm (train), its draws from a counter-based
-    RNG keyed on (seed, epoch, sample index, repeat); torchvision's Resize + CenterCrop (val);
+ 1. the box: fastrsb.data.crops, the one crop program every backend runs (train: torchvision's
+    RandomResizedCrop keyed on the sample); torchvision's Resize + CenterCrop (val);
  2. the decode: libffcv's `imdecode` (TurboJPEG), at the smallest DCT scale (1/2, 1/4, 1/8)
     that leaves the box at least the output size, of the whole image or, when that is cheaper,
     of only the MCU-aligned window that holds the box's filter taps (a lossless DCT-domain crop);
@@ -24,6 +24,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+
 PRECISION_BITS = 22  # Pillow's: 32 - 8 (pixel) - 2 (headroom for filters with negative lobes)
 _HALF = 1 << (PRECISION_BITS - 1)
 _SUPPORT = (1.0, 2.0)  # bilinear, bicubic (a = -0.5): Pillow's filters
@@ -37,63 +38,6 @@ _CHROMA_MARGIN = 2  # decoded pixels kept beyond the taps: chroma upsampling dif
 
 # Per-sample outcome, written next to the sample's index and key (see DecodeStats)
 _DONE, _CROPPED, _FALLBACK, _DECODE_ERROR = 1 << 8, 1 << 9, 1 << 10, 1 << 11  # low byte: log2(scale denominator)
-
-
-# ----------------------------------------------------------------------------- counter-based RNG
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-@nb.njit(nogil=True, cache=True)
-def _mix64(z):
-    """SplitMix64's finaliser: a bijection of uint64 whose outputs pass BigCrush as a stream."""
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-@nb.njit(nogil=True, cache=True)
-def uniform(key, counter: int) -> float:
-    """Draw number `counter` of the stream `key`, uniform in [0, 1): SplitMix64 at that position,
-    so any draw of any sample is a pure function of (key, counter), whatever thread computes it."""
-    z = _mix64(np.uint64(key) + np.uint64(counter + 1) * _GOLDEN)
-    return float(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
-@nb.njit(nogil=True, cache=True)
-def random_resized_crop(height: int, width: int, scale_lo: float, scale_hi: float, log_ratio_lo: float,
-                        log_ratio_hi: float, key):
-    """(top, left, h, w) as torchvision's RandomResizedCrop.get_params: up to 10 tries of an area
-    fraction uniform in [scale_lo, scale_hi] and a log-uniform aspect ratio, sides rounded half to
-    even (Python's round), the position uniform; else the centred crop clamped to the ratio range.
-    Draw 0 is the flip's (see `flip_of`); try k uses draws 1 + 4k .. 4 + 4k."""
-    area = float(height) * float(width)
-    for attempt in range(10):
-        base = 1 + 4 * attempt
-        target_area = area * (scale_lo + (scale_hi - scale_lo) * uniform(key, base))
-        aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * uniform(key, base + 1))
-        w = int(np.rint(math.sqrt(target_area * aspect)))
-        h = int(np.rint(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(uniform(key, base + 2) * (height - h + 1))
-            left = int(uniform(key, base + 3) * (width - w + 1))
-            return top, left, h, w
-    in_ratio = float(width) / float(height)
-    if in_ratio < math.exp(log_ratio_lo):
-        w = width
-        h = int(np.rint(w / math.exp(log_ratio_lo)))
-    elif in_ratio > math.exp(log_ratio_hi):
-        h = height
-        w = int(np.rint(h * math.exp(log_ratio_hi)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-@nb.njit(nogil=True, cache=True)
-def flip_of(key) -> bool:
-    return uniform(key, 0) < 0.5
 
 
 @nb.njit(nogil=True, cache=True)

@@ -18,10 +18,10 @@ from typing import Iterator
 import numba as nb
 import numpy as np
 
-from fastrsb.data.base import FILTERS, Batch, SplitLoader
+from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
+from fastrsb.data.crops import flip_of, random_resized_crop
 from fastrsb.data.ffcv_decode import (
-    _CROPPED, _DECODE_ERROR, _DONE, _FALLBACK, _load_i64, _store_i64, center_crop_geometry,
-    decode_into, flip_of, random_resized_crop,
+    _CROPPED, _DECODE_ERROR, _DONE, _FALLBACK, _load_i64, _store_i64, center_crop_geometry, decode_into,
 )
 from fastrsb.data.sampler import num_batches
 from fastrsb.data.staging import nhwc_to_batch
@@ -158,7 +158,7 @@ class FfcvLoader(SplitLoader):
         self.ours = cfg.ffcv_decoder == "fastrsb"
         self.decode_stats = DecodeStats()
         self._table = np.zeros((0, 3), np.int64)
-        self.pending_order = self._order(self.indices(start_batch=0))
+        self.pending_order = self._order(self.plan(0, 0))  # ffcv's Loader() asks for an order to size itself
         res = self.resolution
         if self.ours:
             self.decoder = FastrsbDecoder((res, res), self.train, cfg.interpolation, cfg.scale, cfg.ratio, cfg.crop_pct)
@@ -195,14 +195,14 @@ class FfcvLoader(SplitLoader):
                                         batches_ahead=cfg.ffcv_batches_ahead,
                                         pipelines={"image": image_pipeline, "label": label})
 
-    def _order(self, indices: np.ndarray) -> np.ndarray:
-        """The index column of a fresh [index, key, outcome] table for this epoch's indices (only the
-        index itself for ffcv's own decoders)."""
+    def _order(self, plan: EpochPlan) -> np.ndarray:
+        """The index column of a fresh [index, key, outcome] table for this epoch's samples (only the
+        indices themselves for ffcv's own decoders)."""
         if not self.ours:
-            return indices
-        table = np.zeros((len(indices), 3), np.int64)
-        table[:, 0] = indices
-        table[:, 1] = self.augmentation_keys(indices).view(np.int64)
+            return plan.indices
+        table = np.zeros((len(plan.indices), 3), np.int64)
+        table[:, 0] = plan.indices
+        table[:, 1] = plan.keys.view(np.int64)
         self._table = table
         return table[:, 0]
 
@@ -212,8 +212,9 @@ class FfcvLoader(SplitLoader):
             self.decoder.output_size = (px, px)
             self.loader.recompile = True  # buffers are sized at compile time
 
-    def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
-        self.pending_order = self._order(indices)
+    def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
+        indices = plan.indices
+        self.pending_order = self._order(plan)
         table = self._table
         epoch = iter(self.loader)
         self.loader.recompile = False

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from fastrsb.data.crops import mix64
 from fastrsb.seeding import derive_seed
 
 
@@ -79,24 +80,27 @@ def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_s
                          num_repeats=num_repeats, shuffle=shuffle, drop_last=drop_last, start_batch=start_batch)[0]
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic): a bijection whose outputs look
-    independent even for inputs that differ in one bit."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def augmentation_keys(seed: int, epoch: int, indices: np.ndarray, copies: np.ndarray) -> np.ndarray:
     """A uint64 key per sample, the run's derive_seed of (epoch, sample index, copy), mixed: the seed
     of that sample's augmentation draws in every backend. It names the sample copy, not its place in
     the epoch, so the same seed gives the same pixels whatever the rank, world size, worker count or
-    resume point. Mixed because the draws are counter-based (ffcv_decode.uniform), which needs keys
+    resume point. Mixed because the draws are counter-based (crops.uniform), which needs keys
     that do not differ by a constant from sample to sample."""
     indices = np.asarray(indices, dtype=np.int64).astype(np.uint64)
     copies = np.asarray(copies, dtype=np.int64).astype(np.uint64)
-    return _mix64(derive_seed(seed, epoch, indices, copies))
+    return mix64(derive_seed(seed, epoch, indices, copies))
+
+
+def epoch_length(num_samples: int, *, rank: int, world_size: int, batch_size: int, num_repeats: int = 1,
+                 drop_last: bool = True) -> int:
+    """len(epoch_samples(...)[0]) for a whole epoch, without drawing the permutation."""
+    if num_repeats > 1:
+        n = repeat_aug_length(num_samples, world_size, num_repeats)
+    elif drop_last:
+        n = num_samples // world_size
+    else:
+        n = len(range(rank, num_samples, world_size))
+    return n // batch_size * batch_size if drop_last else n
 
 
 def num_batches(num_indices: int, batch_size: int, drop_last: bool) -> int:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from fastrsb.data.base import Batch, SplitLoader
+from fastrsb.data.base import Batch, EpochPlan, SplitLoader
+from fastrsb.data.sampler import num_batches
 from fastrsb.data.staging import nhwc_to_batch
 from fastrsb.seeding import derive_seed
 
@@ -32,12 +32,12 @@ class SyntheticLoader(SplitLoader):
         self._labels = torch.randint(0, self.num_classes, (size,), device=dev, generator=g)
         self._images = torch.randint(0, 256, (size, res, res, 3), dtype=torch.uint8, device=dev, generator=g)
 
-    def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
+    def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
+        indices = plan.indices
         res = self.resolution
         if self._images is None or self._images.shape[1] != res:
             self._make_pool(res)
         pool_index = torch.from_numpy(indices % len(self._labels)).to(self.dist.device)
-        batches = len(indices) // self.batch_size if self.train else -(-len(indices) // self.batch_size)
-        for b in range(batches):
+        for b in range(num_batches(len(indices), self.batch_size, self.train)):
             sel = pool_index[b * self.batch_size:(b + 1) * self.batch_size]
             yield nhwc_to_batch(self._images.index_select(0, sel), self._labels.index_select(0, sel))

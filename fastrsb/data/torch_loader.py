@@ -1,5 +1,6 @@
-"""The reference a user would otherwise run: a torch Dataset over the same shards, PIL decode,
-torchvision's RandomResizedCrop + flip (val: resize + center crop), a DataLoader with workers."""
+"""The reference a user would otherwise run: a torch Dataset over the same shards, PIL decode in DataLoader
+workers; train: the crop program's box (fastrsb.data.crops) resized with Pillow's antialiased filter, and
+its flip; val: torchvision's Resize + CenterCrop."""
 from __future__ import annotations
 
 import atexit
@@ -8,7 +9,7 @@ import math
 import os
 import signal
 import weakref
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -16,17 +17,32 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from fastrsb.data.base import FILTERS, Batch, SplitLoader
+from dataprep.layout import DatasetError
+from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
+from fastrsb.data.crops import crop_boxes
 from fastrsb.data.staging import to_device
 
 
-class ShardDataset(Dataset):
-    """(HWC uint8 tensor, label) for sample i, its JPEG bytes read by offset from the DALI shards."""
+class Item(NamedTuple):
+    """What a worker is handed per sample: the sample, its train crop (top, left, h, w) and flip, and the
+    resolution (persistent workers hold their own copy of the dataset, so it travels with the item)."""
 
-    def __init__(self, locations, labels: np.ndarray, cfg, train: bool):
-        self.loc, self.labels, self.cfg, self.train = locations, labels, cfg, train
+    index: int
+    box: tuple[int, int, int, int] | None  # None: val
+    flip: bool
+    res: int
+
+
+class ShardDataset(Dataset):
+    """(HWC uint8 tensor, label) for an Item, its JPEG bytes read by offset from the DALI shards."""
+
+    def __init__(self, info, cfg, train: bool):
+        self.info, self.cfg, self.train = info, cfg, train
+        self.loc, self.labels = info.shard_locations(), info.labels
+        self.sizes = info.image_sizes()  # checked here, before any work: the crops are placed by them
+        self.filter = getattr(Image.Resampling, FILTERS[cfg.interpolation]["pillow"])
         self._fds: dict[int, int] = {}  # per worker process: shard -> open fd
-        self._transforms: dict[int, T.Compose] = {}  # per worker process: resolution -> transform
+        self._val_transforms: dict[int, T.Compose] = {}  # per worker process: resolution -> transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -38,19 +54,30 @@ class ShardDataset(Dataset):
             fd = self._fds[j] = os.open(self.loc.tar_paths[j], os.O_RDONLY)
         return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
 
-    def __getitem__(self, item: tuple[int, int, int]):
-        """item = (sample index, augmentation seed, resolution). Each sample is seeded with its key
-        (sampler.augmentation_keys: seed, epoch, sample index, copy), so its augmentation is the
-        same whatever the worker count, rank or world size, and when a run resumes mid-epoch. The
-        resolution travels with the item because persistent workers hold their own copy of the dataset."""
-        i, seed, res = item
-        tf = self._transforms.get(res)
-        if tf is None:
-            tf = self._transforms[res] = _transform(self.train, res, self.cfg)
-        torch.manual_seed(seed)
+    def __getitem__(self, item: Item):
+        i, box, flip, res = item
         with Image.open(io.BytesIO(self.read(i))) as im:
-            img = tf(im.convert("RGB"))
+            h, w = (int(v) for v in self.sizes[i])
+            if im.size != (w, h):
+                raise DatasetError(f"{self.info.describe_sample(i)}: the JPEG is {im.height}x{im.width} (height x "
+                                   f"width), {self.info.root / self.info.sizes} says {h}x{w}; run `fastrsb verify`")
+            im = im.convert("RGB")
+            if box is None:
+                img = self._val_transform(res)(im)
+            else:
+                top, left, bh, bw = box
+                img = im.resize((res, res), self.filter, box=(left, top, left + bw, top + bh))
+                if flip:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()), int(self.labels[i])
+
+    def _val_transform(self, res: int) -> T.Compose:
+        tf = self._val_transforms.get(res)
+        if tf is None:
+            interp = T.InterpolationMode[FILTERS[self.cfg.interpolation]["torchvision"]]
+            tf = self._val_transforms[res] = T.Compose([T.Resize(math.floor(res / self.cfg.crop_pct), interpolation=interp),
+                                                        T.CenterCrop(res)])
+        return tf
 
 
 class _EpochBatches:
@@ -58,7 +85,7 @@ class _EpochBatches:
     start, so it hands out whatever batches the loader set for that epoch."""
 
     def __init__(self):
-        self.batches: list[list[tuple[int, int, int]]] = []
+        self.batches: list[list[Item]] = []
 
     def __iter__(self):
         return iter(self.batches)
@@ -86,18 +113,10 @@ def _stop_workers() -> None:
         loader.close()
 
 
-def _transform(train: bool, res: int, cfg) -> T.Compose:
-    interp = T.InterpolationMode[FILTERS[cfg.interpolation]["torchvision"]]
-    if train:
-        return T.Compose([T.RandomResizedCrop(res, scale=cfg.scale, ratio=cfg.ratio, interpolation=interp),
-                          T.RandomHorizontalFlip()])
-    return T.Compose([T.Resize(math.floor(res / cfg.crop_pct), interpolation=interp), T.CenterCrop(res)])
-
-
 class TorchLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
-        self.dataset = ShardDataset(info.shard_locations(), info.labels, cfg, self.train)
+        self.dataset = ShardDataset(info, cfg, self.train)
         self.batch_sampler = _EpochBatches()
         # persistent workers, as timm's loader uses: no process start-up at every epoch
         self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.workers,
@@ -112,8 +131,12 @@ class TorchLoader(SplitLoader):
             it._shutdown_workers()
             self.loader._iterator = None
 
-    def _epoch(self, indices: np.ndarray) -> Iterator[Batch]:
+    def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
         bs, res = self.batch_size, self.resolution
-        items = [(int(i), int(key), res) for i, key in zip(indices, self.augmentation_keys(indices))]
+        if self.train:
+            boxes, flips = crop_boxes(self.dataset.sizes[plan.indices], plan.keys, self.cfg.scale, self.cfg.ratio)
+            items = [Item(int(i), tuple(box.tolist()), bool(f), res) for i, box, f in zip(plan.indices, boxes, flips)]
+        else:
+            items = [Item(int(i), None, False, res) for i in plan.indices]
         self.batch_sampler.batches = [items[k:k + bs] for k in range(0, len(items), bs)]
         return to_device(self.loader, self.dist.device, self.cfg.prefetch)
