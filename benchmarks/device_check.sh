@@ -4,14 +4,17 @@
 #
 #     benchmarks/device_check.sh OUT          (from the checkout; fastrsb is imported from it)
 #
-# Steps (each under its own time limit; about 6 minutes on one H100/H200):
+# Steps (each under its own time limit; on paper about 8 minutes on one H100/H200, not yet measured):
 #   tests      the augment and sync tests on cuda: PIL parity of the torch ops, batching, Mixup, and the
 #              train step under torch.cuda.set_sync_debug_mode("error")
 #   model_*    bench model: resnet50 224 px bf16, channels-last vs not, torch.compile on
 #   randaug    RandAugment's torch ops on cuda vs timm's PIL RandAugment
 #   data       ImageNet-like JPEGs converted to tar shards (the torch backend's input; no ffcv/DALI needed)
+#   loader_*   bench loader on those shards, RRC at 224 and 160 px: the torch backend with data.torch_decode=device
+#              (torchvision's batched nvjpeg decode, crops and resize on the GPU) and =workers (PIL, all cores)
 #   e2e_*      bench e2e, RSB A3: synthetic data with the batch stage on and off at 224 px (what the data
-#              path costs beyond the model), and the torch backend (PIL in DataLoader workers) at 160 px
+#              path costs beyond the model), the torch backend (PIL in DataLoader workers) at 160 px, and
+#              e2e_torch_device_decode(_160): the torch backend decoding on the GPU at 224 and 160 px
 # OUT gets three files: device_check.json (every step's results), device_check.log, summary.txt.
 # Without cuda the same steps run at tiny sizes on the CPU (tests/test_device_check.py does that).
 # A failed step: the others still run, the summary marks it FAILED, and the exit status is 1.
@@ -27,10 +30,10 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/json"
 
 if $PY -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
-  DEV=cuda BS=256 RES=224 STEPS=20 REPEATS=3 IMAGES=6000 LIMIT=240 MODEL=resnet50 AMP=bf16
+  DEV=cuda BS=256 RES=224 RES_LOW=160 STEPS=20 REPEATS=3 IMAGES=6000 LIMIT=240 MODEL=resnet50 AMP=bf16
   TESTS="cuda"
 else
-  DEV=cpu BS=4 RES=32 STEPS=2 REPEATS=1 IMAGES=48 LIMIT=300 MODEL=resnet10t AMP=none
+  DEV=cpu BS=4 RES=32 RES_LOW=24 STEPS=2 REPEATS=1 IMAGES=48 LIMIT=300 MODEL=resnet10t AMP=none
   TESTS="audit_sees or (batch_stage and batch-cpu) or (parity_with_timm and Rotate-cpu-torch)"
 fi
 LOG="$OUT/device_check.log"
@@ -51,6 +54,10 @@ step randaug $PY -m benchmarks.bench_randaugment --device "$DEV" --batch-size "$
   --repeats "$REPEATS" --json "$WORK/json/randaug.json"
 step data $PY -c "from benchmarks.imagenet_like import make_imagenet_like as m; m('$WORK/src', $IMAGES, with_val=64)" \
   && step convert $PY -m fastrsb convert "$WORK/src" "$WORK/data" --formats dali --no-progress
+for res in "$RES" "$RES_LOW"; do
+  step "loader_torch_$res" "${BENCH[@]}" loader --device "$DEV" --data "$WORK/data" --backends torch:device,torch \
+    --batch-size "$BS" --res "$res" --repeats "$REPEATS" --epochs 1 --no-bare --no-decode-limit --json "$WORK/json/loader_torch_$res.json"
+done
 A3=(--config configs/rsb_a3.yaml --data "$WORK/data" --steps "$STEPS" --repeats "$REPEATS" --model.name="$MODEL"
     --data.batch_size="$BS" --train.amp="$AMP" --data.synthetic_num_samples=$((BS * STEPS * (REPEATS + 2))))
 NO_AUG=(--augment.randaugment= --augment.mixup_alpha=0 --augment.cutmix_alpha=0)
@@ -58,6 +65,10 @@ step e2e_synthetic "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend synthe
 step e2e_synthetic_no_augment "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend synthetic --data.train_res="$RES" "${NO_AUG[@]}" \
   --json "$WORK/json/e2e_synthetic_no_augment.json"
 step e2e_torch "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend torch --json "$WORK/json/e2e_torch.json"
+step e2e_torch_device_decode "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend torch --data.torch_decode=device \
+  --data.train_res="$RES" --json "$WORK/json/e2e_torch_device_decode.json"
+step e2e_torch_device_decode_160 "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend torch --data.torch_decode=device \
+  --data.train_res="$RES_LOW" --json "$WORK/json/e2e_torch_device_decode_160.json"
 
 $PY -m benchmarks.device_summary check "$WORK/json" "$OUT/device_check.json" "${failed[@]}" | tee "$OUT/summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -49,10 +49,26 @@ def summarize(docs: dict, failed: list[str]) -> list[str]:
                          f"({r['vs_timm_1_process']:.1f}x timm in 1 process)")
     else:
         lines.append("RandAugment: FAILED")
-    for name in ("e2e_synthetic", "e2e_synthetic_no_augment", "e2e_torch"):
+    for name in sorted(n for n in docs.keys() | set(failed) if n.startswith("loader_")):
+        doc = docs.get(name)
+        if doc is None or name in failed:
+            lines.append(f"{name}: FAILED")
+            continue
+        for r in doc["results"]:
+            fallback = r.get("decode", {}).get("fallbacks")
+            lines.append(f"{name}, {r['backend']}: {r['images_per_sec']:,.0f} img/s (min {r['min']:,.0f}, max "
+                         f"{r['max']:,.0f})" + (f", {fallback} host-decode fallbacks" if fallback is not None else ""))
+    for name in ("e2e_synthetic", "e2e_synthetic_no_augment", "e2e_torch", "e2e_torch_device_decode",
+                 "e2e_torch_device_decode_160"):
         row = _row(docs, name)
         stall = f", data stall {row['data_stall']:.1%}" if row and name not in failed else ""
         lines.append(f"{name}: {fmt(name)}{stall}")
+    real, synthetic, model = (_row(docs, n) for n in ("e2e_torch_device_decode", "e2e_synthetic", "model_channels_last"))
+    if real and "e2e_torch_device_decode" not in failed:  # same recipe and resolution, real JPEGs vs no data path
+        parts = [f"{real['images_per_sec'] / ref['images_per_sec']:.2f}x {what}"
+                 for ref, what, step in ((synthetic, "e2e_synthetic", "e2e_synthetic"), (model, "model only", "model_channels_last"))
+                 if ref and step not in failed]
+        lines.append("e2e_torch_device_decode: " + ", ".join(parts))
     cl = _row(docs, "model_channels_last")
     if cl and "model_channels_last" not in failed and cl["device"].startswith("cuda"):  # goals are for GPUs
         lines.append(f"model only >= {MODEL_ONLY_GOAL:,.0f} img/s: "

@@ -43,6 +43,9 @@ class DataConfig:
     ffcv_batches_ahead: int = 3
     ffcv_quasi_random: bool = False  # only single-process; QUASI_RANDOM is not supported distributed
     dali_decode: Literal["auto", "cpu", "mixed"] = "auto"  # auto: mixed (nvjpeg) on cuda, cpu otherwise
+    # torch backend: workers = PIL in DataLoader workers (the reference); device = torchvision.io.decode_jpeg on
+    # train.device (nvjpeg on cuda, libjpeg-turbo on the cpu), crops and resize there too
+    torch_decode: Literal["workers", "device"] = "workers"
     synthetic_num_samples: int = 10000  # synthetic backend: pretend dataset size
     synthetic_num_classes: int = 1000
 

@@ -16,7 +16,8 @@ from benchmarks.device_summary import summarize, table
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(900)
 STEPS = {"model_channels_last", "model_no_channels_last", "model_compile", "randaug", "e2e_synthetic",
-         "e2e_synthetic_no_augment", "e2e_torch"}
+         "e2e_synthetic_no_augment", "e2e_torch", "e2e_torch_device_decode", "e2e_torch_device_decode_160",
+         "loader_torch_32", "loader_torch_24"}
 
 
 def test_device_check_runs_every_step_on_the_cpu(tmp_path):
@@ -38,7 +39,11 @@ def test_device_check_runs_every_step_on_the_cpu(tmp_path):
             assert row["images_per_sec"] > 0 and row["min"] <= row["images_per_sec"] <= row["max"], name
     assert [rows[f"model_{v}"][0]["channels_last"] for v in ("channels_last", "no_channels_last")] == [True, False]
     assert rows["model_compile"][0]["compile"] is True
-    assert [rows[n][0]["backend"] for n in ("e2e_synthetic", "e2e_torch")] == ["synthetic", "torch"]
+    assert [rows[n][0]["backend"] for n in ("e2e_synthetic", "e2e_torch", "e2e_torch_device_decode")] == \
+        ["synthetic", "torch", "torch"]
+    for res in (32, 24):  # device decode beside the reference, each row from its own loader
+        assert [r["backend"] for r in rows[f"loader_torch_{res}"]] == ["torch:device", "torch"]
+        assert rows[f"loader_torch_{res}"][0]["decode"]["fallbacks"] == 0
     summary = (out / "summary.txt").read_text()
     assert "FAILED" not in summary and "tests (augment parity + sync audit): passed" in summary
     assert "ok" in (out / "device_check.log").read_text()

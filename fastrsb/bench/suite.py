@@ -143,8 +143,12 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
             torch.cuda.synchronize(dev)
 
     factories, loaders = [], {}
-    for backend in backends:
-        cfg = _loader_cfg(data, backend, batch_size, res, workers)
+    for backend in backends:  # BACKEND[:DECODE]: torch:device is data.torch_decode=device, ffcv:ffcv ffcv's decoders
+        name, _, decode = backend.partition(":")
+        knob = {"torch": "torch_decode", "ffcv": "ffcv_decoder"}.get(name)
+        if decode and knob is None:
+            raise ValueError(f"--backends {backend}: only torch:DECODE and ffcv:DECODER name a decoder")
+        cfg = _loader_cfg(data, name, batch_size, res, workers, [f"data.{knob}={decode}"] if decode else [])
         loader = loaders[backend] = create_loader(cfg, "train", dist)
 
         def epoch(i, loader=loader):
@@ -152,7 +156,7 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
             return (b.images for b in loader)
 
         factories.append((backend, epoch))
-        if bare and backend in ("ffcv", "dali"):
+        if bare and backend in ("ffcv", "dali"):  # bare rows for the plain backends only
             factories.append((f"bare {backend}", bare_ffcv(data, batch_size, res, workers, dev) if backend == "ffcv"
                               else bare_dali(data, batch_size, res, workers, dev, cfg.data.prefetch)))
     if reference:
@@ -239,10 +243,13 @@ def bench_e2e(config: str, data: str, backend: str, steps: int, repeats: int, ov
             raise ValueError(f"an epoch has {trainer.steps_per_epoch} steps: too few for --repeats {repeats} "
                              "windows after a warm-up one (lower --repeats or data.batch_size)")
         ips, stall = _measure_steps(trainer, steps, repeats)
+        decode = {"torch": trainer.cfg.data.torch_decode, "dali": trainer.cfg.data.dali_decode,
+                  "ffcv": trainer.cfg.data.ffcv_decoder}.get(backend)
     if not dist.is_main:  # rank 0 logs the global figures
         return {}
     s = _summary(ips)
-    return {"backend": backend, "config": Path(config).name, "world_size": dist.world_size, "steps": steps, **s,
+    return {"backend": backend, **({"decode": decode} if decode else {}), "config": Path(config).name,
+            "world_size": dist.world_size, "steps": steps, **s,
             "data_stall": float(np.median(stall)), "data_stall_max": float(max(stall)), "device": str(dist.device)}
 
 

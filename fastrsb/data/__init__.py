@@ -33,6 +33,8 @@ def create_loader(cfg, split: str, dist: DistInfo) -> SplitLoader:
             from fastrsb.data.ffcv_loader import FfcvLoader as cls
         elif data.backend == "dali":
             from fastrsb.data.dali_loader import DaliLoader as cls
+        elif data.torch_decode == "device":
+            from fastrsb.data.torch_device_decode import TorchDeviceLoader as cls
         else:
             from fastrsb.data.torch_loader import TorchLoader as cls
     except ImportError as e:

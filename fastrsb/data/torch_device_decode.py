@@ -1,0 +1,146 @@
+"""data.torch_decode=device: the torch backend's GPU data path without DALI (the lent GPU machine has no DALI
+and no ffcv). A reader thread preads each batch's JPEG bytes from the tar shards and decodes them with
+torchvision.io.decode_jpeg(list, device=<the run's device>): nvjpeg's batched decode on cuda, libjpeg-turbo on
+the CPU (the twin the tests run). Crops and flips come from the one crop program (fastrsb.data.crops), and the
+whole batch is cropped, resized and flipped on the device by Pillow's resampling as two batched matmuls
+(fastrsb.data.device_resize), so the images are those of data.torch_decode=workers within the decoders'
+arithmetic, in the contract's uint8 NHWC.
+
+Ordering on cuda: the thread issues all of a batch's work (the labels' pinned copy included) on its own
+stream and records an event after the last launch; the consumer's stream waits on that event before it reads
+the batch, and record_stream marks the batch as used by the consumer, so the caching allocator does not hand
+its memory back to the decode stream until the consumer's work on it is done. The thread never waits on the
+device; the host only learns shapes, which decode_jpeg returns as host metadata."""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import Generator
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from dataprep.layout import DatasetError
+from fastrsb.data.base import Batch, EpochPlan, SplitLoader
+from fastrsb.data.crops import crop_boxes
+from fastrsb.data.device_resize import resize_batch, resize_params
+from fastrsb.data.staging import nhwc_to_batch
+from fastrsb.data.torch_loader import ShardDataset
+
+_END = object()  # the reader thread's last item of an epoch
+
+
+class DeviceDecodeStats:
+    """How the epoch's images were decoded: `fallbacks` are JPEGs the batched device decode refused and that were
+    decoded one by one on the host instead (never a crash mid-epoch)."""
+
+    def __init__(self):
+        self.images = self.fallbacks = 0
+
+    def as_dict(self) -> dict:
+        return {"images": self.images, "fallbacks": self.fallbacks,
+                "fraction_fallback": self.fallbacks / self.images if self.images else 0.0}
+
+
+class TorchDeviceLoader(SplitLoader):
+    def __init__(self, cfg, split, dist, info, num_classes):
+        super().__init__(cfg, split, dist, info.num_samples, num_classes)
+        self.device = dist.device
+        self.shards = ShardDataset(info, cfg, self.train)  # reads by offset, size records checked here
+        # float16 on cuda: uint8 levels are exact in it and tensor cores accumulate in float32
+        self.matmul_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.decode_stats = DeviceDecodeStats()
+
+    # ---- pure per-batch steps, run by the reader thread
+    def _decode(self, indices: np.ndarray) -> list[torch.Tensor]:
+        """(3, h, w) uint8 RGB on the device per sample; a batch the device decoder refuses is decoded one by one,
+        and what it still refuses is decoded on the host and copied over."""
+        data = [torch.frombuffer(bytearray(self.shards.read(int(i))), dtype=torch.uint8) for i in indices]
+        self.decode_stats.images += len(data)
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            images = [self._decode_one(d) for d in data]
+        for i, im in zip(indices, images):
+            h, w = (int(v) for v in self.shards.sizes[i])
+            if tuple(im.shape[1:]) != (h, w):
+                raise DatasetError(f"{self.shards.info.describe_sample(int(i))}: the JPEG is {im.shape[1]}x"
+                                   f"{im.shape[2]} (height x width), the size record says {h}x{w}; run `fastrsb verify`")
+        return images
+
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            self.decode_stats.fallbacks += 1
+            return decode_jpeg(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=False)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
+    def _batch(self, plan: EpochPlan, sel: slice, res: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = plan.indices[sel]
+        sizes = self.shards.sizes[indices]
+        boxes = flips = None
+        if self.train:
+            boxes, flips = crop_boxes(sizes, plan.keys[sel], self.cfg.scale, self.cfg.ratio)
+        params = self._to_device(resize_params(sizes, boxes, flips, res, self.cfg.crop_pct))
+        images = resize_batch(self._decode(indices), params, res, self.cfg.interpolation, self.matmul_dtype)
+        return images, self._to_device(self.shards.labels[indices].astype(np.int64))
+
+    def _read_ahead(self, plan: EpochPlan, res: int, ready: queue.Queue, stop: threading.Event) -> None:
+        """The reader thread: every batch of the epoch into `ready` (at most `prefetch` ahead), then _END; an error
+        is handed over as the item. Returns as soon as `stop` is set."""
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for start in range(0, len(plan.indices), self.batch_size):
+                if stop.is_set():
+                    return
+                with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                    images, labels = self._batch(plan, slice(start, start + self.batch_size), res)
+                    event = None
+                    if self.stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
+                if not put((images, labels, event)):
+                    return
+            put(_END)
+        except BaseException as e:  # raised again in the consumer, which names the batch's samples
+            put(e)
+
+    def _epoch(self, plan: EpochPlan) -> Generator[Batch, None, None]:
+        ready: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
+        stop = threading.Event()
+        thread = threading.Thread(target=self._read_ahead, args=(plan, self.resolution, ready, stop), daemon=True,
+                                  name="fastrsb device decode")
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, event = item
+                if event is not None:
+                    consumer = torch.cuda.current_stream(self.device)
+                    consumer.wait_event(event)
+                    images.record_stream(consumer)
+                    labels.record_stream(consumer)
+                yield nhwc_to_batch(images, labels)
+        finally:  # left early or finished: the thread sees `stop` within one put timeout or one batch
+            stop.set()
+            thread.join()
+
