@@ -1,6 +1,7 @@
 """Where data.torch_decode=device spends the host's time, per batch: reading the JPEG bytes, the crop program, the
-decode call and the batched crop + resize (fastrsb.data.device_resize), the resize's dispatch alone (on meta
-tensors: what the host spends launching it on a GPU), and how many aten ops it dispatches (views included). On cuda it also counts the host-device syncs of a whole epoch
+decode call (which reads the bytes again itself), the batched crop + resize (fastrsb.data.device_resize), the
+resize's dispatch alone (on meta tensors: what the host spends launching it on a GPU), and how many aten ops it
+dispatches (views included). On cuda it also counts the host-device syncs of a whole epoch
 (torch.cuda.set_sync_debug_mode("warn")); on the CPU the decode and resize times are the work itself.
 
     python -m benchmarks.bench_device_decode --data DATA --batch-size 256 --res 224 --batches 10 --json OUT.json
