@@ -9,7 +9,7 @@ import torch.distributed as tdist
 from timm.utils import accuracy
 
 from fastrsb import checkpoint as ckpt
-from fastrsb.augment import BatchAugment, build_batch_augment
+from fastrsb.augment import BatchAugment
 from fastrsb.config import from_dict
 from fastrsb.data import create_loader
 from fastrsb.data.base import SplitLoader
@@ -59,7 +59,8 @@ def build_eval_stack(cfg, dist: DistInfo) -> EvalStack:
     classes, on the run's device), the eval batch stage and the AMP dtype of train.amp."""
     loader = create_loader(cfg, "val", dist)
     amp = amp_dtype(cfg.train.amp, dist.device)
-    augment = build_batch_augment(cfg.augment, loader.num_classes, 0.0, amp or torch.float32, train=False)
+    augment = BatchAugment(cfg.augment, num_classes=loader.num_classes, label_smoothing=0.0, dtype=amp or torch.float32,
+                           train=False)
     model = create_model(cfg.model, loader.num_classes, dist.device)
     return EvalStack(model, loader, augment, amp, cfg.train.flip_tta, dist)
 

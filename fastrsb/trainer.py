@@ -21,7 +21,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from fastrsb import checkpoint as ckpt
-from fastrsb.augment import build_batch_augment
+from fastrsb.augment import BatchAugment
 from fastrsb.config import to_dict
 from fastrsb.data import create_loader
 from fastrsb.dist import DistInfo
@@ -114,9 +114,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp is torch.float16)
         self.ema = create_ema(self.raw_model, cfg.ema)
         self.criterion = create_criterion(cfg.loss, cfg.model.name, self.num_classes, dist.device)
-        self.train_aug = build_batch_augment(cfg.augment, self.num_classes, cfg.loss.label_smoothing,
-                                             self.amp or torch.float32, True,
-                                             seed=derive_seed(t.seed, "randaugment", dist.rank))
+        self.train_aug = BatchAugment(cfg.augment, num_classes=self.num_classes,
+                                      label_smoothing=cfg.loss.label_smoothing, dtype=self.amp or torch.float32,
+                                      train=True, seed=derive_seed(t.seed, "randaugment", dist.rank))
         self.model = wrap_model(self.raw_model, cfg.model, dist)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()

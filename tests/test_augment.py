@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import auto_augment as aa
 
-from fastrsb.augment import apply_op, build_batch_augment
+from fastrsb.augment import BatchAugment, apply_op
 from fastrsb.augment.randaugment import (IMAGENET_FILL, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, SIGNED, RandAugment,
                                          apply_op_args, level_to_arg, parse_rand_augment)
 from fastrsb.config import AugmentConfig
@@ -241,7 +241,7 @@ def test_numba_result_does_not_depend_on_thread_count():
 
 def _aug(train=True, **kw):
     cfg = AugmentConfig(**kw)
-    return build_batch_augment(cfg, num_classes=10, label_smoothing=0.1, dtype=torch.float32, train=train, seed=0)
+    return BatchAugment(cfg, num_classes=10, label_smoothing=0.1, dtype=torch.float32, train=train, seed=0)
 
 
 def test_normalize_only_in_eval():

@@ -123,7 +123,3 @@ class BatchAugment:
         if self.randaugment is not None and state.get("randaugment") is not None:
             self.randaugment.load_state_dict(state["randaugment"])
 
-
-def build_batch_augment(cfg: AugmentConfig, num_classes: int, label_smoothing: float, dtype: torch.dtype,
-                        train: bool, seed: int = 0) -> BatchAugment:
-    return BatchAugment(cfg, num_classes, label_smoothing, dtype, train, seed)

@@ -18,6 +18,7 @@ import torch
 
 from fastrsb.bench.report import paired_ratio, summarize
 from fastrsb.config import load_config
+from fastrsb.data.base import default_workers
 from fastrsb.dist import DistInfo, init_distributed
 
 # forward + backward of ResNet-50 at 224 px, per image (3x the 4.1 GFLOP forward; multiply-add = 2 FLOP)
@@ -136,7 +137,7 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
 
     dist = init_distributed(device, "--device")
     dev = dist.device
-    workers = workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+    workers = workers or default_workers(dist)
 
     def sync():
         if dev.type == "cuda":

@@ -38,6 +38,11 @@ class EpochPlan(NamedTuple):
     keys: np.ndarray  # uint64: each one's augmentation key (sampler.augmentation_keys)
 
 
+def default_workers(dist: DistInfo) -> int:
+    """data.workers=0: this node's cores shared among its ranks."""
+    return max(1, (os.cpu_count() or 1) // dist.local_world_size)
+
+
 class SplitLoader:
     """What every backend is: one split (train or val) of one dataset on this rank, iterated an epoch at a
     time in the shared sampler's order. The trainer, evaluation and benchmarks use exactly this:
@@ -62,7 +67,7 @@ class SplitLoader:
         self.epoch, self.start_batch = 0, 0
         self._running: Generator[Batch, None, None] | None = None  # the latest epoch's batches
         self.resolution = cfg.train_res if self.train else cfg.val_res
-        self.workers = cfg.workers or max(1, (os.cpu_count() or 1) // dist.local_world_size)
+        self.workers = cfg.workers or default_workers(dist)
 
     def _sampler_args(self, epoch: int, start_batch: int) -> dict:
         return dict(seed=self.cfg.seed, epoch=epoch, rank=self.dist.rank, world_size=self.dist.world_size,
