@@ -24,10 +24,10 @@ from fastrsb.sync_audit import SyncAudit, to_device_memory
 
 
 def stage(config: str, mix_mode: str) -> BatchAugment:
-    cfg = AugmentConfig(randaugment=config, mixup_alpha=0.1, cutmix_alpha=1.0, mix_mode=mix_mode)
-    aug = BatchAugment(cfg, num_classes=1000, label_smoothing=0.1, dtype=torch.bfloat16, train=True, seed=0)
-    aug.randaugment.impl = "torch"
-    return aug
+    cfg = AugmentConfig(randaugment=config, randaugment_impl="torch", mixup_alpha=0.1, cutmix_alpha=1.0,
+                        mix_mode=mix_mode)  # the torch ops: what runs on cuda
+    return BatchAugment(cfg, num_classes=1000, label_smoothing=0.1, dtype=torch.bfloat16, train=True,
+                        device=torch.device("cpu"), seed=0)
 
 
 def batch(n: int, res: int) -> tuple[torch.Tensor, torch.Tensor]:

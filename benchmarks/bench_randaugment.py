@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from benchmarks.imagenet_like import _photos
-from fastrsb.augment.randaugment import IMAGENET_FILL, RandAugment, resolve_impl
+from fastrsb.augment.randaugment import IMAGENET_FILL, RandAugment
 from fastrsb.bench.report import paired_ratio, print_table, summarize, write_result
+from fastrsb.config import resolve_randaugment_impl
 
 
 def _images(n: int, res: int) -> list[Image.Image]:
@@ -84,7 +85,7 @@ def main() -> None:
             torch.cuda.synchronize(dev)
 
     def timer(impl: str):
-        ours = RandAugment.from_config(args.config, seed=0, impl=impl)
+        ours = RandAugment.from_config(args.config, seed=0, impl=impl, device=dev)
 
         def time_ours() -> float:
             sync()
@@ -110,7 +111,7 @@ def main() -> None:
         return sum(pool.map(_timm_worker, [timm_args + (random.randrange(1 << 30),) for _ in range(procs)]))
 
     random.seed(0)
-    impls = ["numba", "torch"] if resolve_impl("auto", dev) == "numba" else ["torch"]
+    impls = ["numba", "torch"] if resolve_randaugment_impl("auto", dev.type) == "numba" else ["torch"]
     threads = torch.get_num_threads()
     candidates = [(f"fastrsb {impl} ({dev.type}, {threads} threads)", timer(impl)) for impl in impls]
     candidates += [("timm PIL per image (1 process)", time_timm_one),

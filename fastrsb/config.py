@@ -163,6 +163,19 @@ def allowed(section: type, key: str) -> tuple:
     return typing.get_args(typing.get_type_hints(section)[key])
 
 
+def resolve_randaugment_impl(impl: str, device_type: str) -> str:
+    """augment.randaugment_impl for a device type: 'auto' takes the numba kernels on the CPU and the torch ops
+    elsewhere; the kernels run on the CPU only."""
+    if impl not in allowed(AugmentConfig, "randaugment_impl"):
+        raise ValueError(f"augment.randaugment_impl: expected one of {allowed(AugmentConfig, 'randaugment_impl')}, "
+                         f"got {impl!r}")
+    if impl == "auto":
+        return "numba" if device_type == "cpu" else "torch"
+    if impl == "numba" and device_type != "cpu":
+        raise ValueError(f"augment.randaugment_impl=numba runs on the CPU only, not on {device_type}; use torch or auto")
+    return impl
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -285,8 +298,11 @@ def validate(cfg: Any) -> None:
         _require(p.start_ramp <= p.end_ramp, f"progressive.start_ramp={p.start_ramp} > progressive.end_ramp={p.end_ramp}")
     _require(not (d.dali_decode == "mixed" and t.device == "cpu"),
              "data.dali_decode=mixed decodes on a GPU (nvjpeg), but train.device=cpu; use data.dali_decode=cpu or auto")
-    _require(not (a.randaugment_impl == "numba" and t.device == "cuda"),
-             "augment.randaugment_impl=numba runs on the CPU, but train.device=cuda; use torch or auto")
+    if t.device == "cuda":
+        try:
+            resolve_randaugment_impl(a.randaugment_impl, t.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _require(not (d.ffcv_quasi_random and d.num_repeats > 1),
              "data.ffcv_quasi_random: ffcv's QUASI_RANDOM order cannot repeat samples (data.num_repeats > 1)")
 

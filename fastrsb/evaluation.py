@@ -60,7 +60,7 @@ def build_eval_stack(cfg, dist: DistInfo) -> EvalStack:
     loader = create_loader(cfg, "val", dist)
     amp = amp_dtype(cfg.train.amp, dist.device)
     augment = BatchAugment(cfg.augment, num_classes=loader.num_classes, label_smoothing=0.0, dtype=amp or torch.float32,
-                           train=False)
+                           train=False, device=dist.device)
     model = create_model(cfg.model, loader.num_classes, dist.device)
     return EvalStack(model, loader, augment, amp, cfg.train.flip_tta, dist)
 

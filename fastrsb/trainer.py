@@ -116,7 +116,7 @@ class Trainer:
         self.criterion = create_criterion(cfg.loss, cfg.model.name, self.num_classes, dist.device)
         self.train_aug = BatchAugment(cfg.augment, num_classes=self.num_classes,
                                       label_smoothing=cfg.loss.label_smoothing, dtype=self.amp or torch.float32,
-                                      train=True, seed=derive_seed(t.seed, "randaugment", dist.rank))
+                                      train=True, device=dist.device, seed=derive_seed(t.seed, "randaugment", dist.rank))
         self.model = wrap_model(self.raw_model, cfg.model, dist)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()

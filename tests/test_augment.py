@@ -120,8 +120,12 @@ def test_parity_in_both_directions_at_any_magnitude(device, impl):
 
 
 def test_impl_is_checked():
-    with pytest.raises(ValueError, match="impl"):
+    with pytest.raises(ValueError, match="randaugment_impl"):
         RandAugment.from_config("rand-m9", impl="pil")
+    with pytest.raises(ValueError, match="CPU only"):
+        RandAugment.from_config("rand-m9", impl="numba", device=torch.device("meta"))
+    with pytest.raises(ValueError, match="set up for cpu, got a batch on meta"):  # its ops were chosen for the CPU
+        RandAugment.from_config("rand-m9")(torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta"))
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="CPU only"):
             apply_op(torch.zeros(1, 3, 4, 4, dtype=torch.uint8, device="cuda"), "Invert", 0, impl="numba")
@@ -191,9 +195,8 @@ def test_policy_statistics_match_timm():
 @pytest.mark.parametrize("device,impl", TARGETS)
 def test_randaugment_keeps_dtype_shape_format_and_is_seeded(device, impl):
     batch = torch.cat([to_batch(photographs()[0].resize((64, 48)))] * 16).to(device).contiguous(memory_format=torch.channels_last)
-    a = RandAugment.from_config("rand-m9-mstd0.5-inc1", seed=3, impl=impl)(batch)
-    b = RandAugment.from_config("rand-m9-mstd0.5-inc1", seed=3, impl=impl)(batch)
-    c = RandAugment.from_config("rand-m9-mstd0.5-inc1", seed=4, impl=impl)(batch)
+    a, b, c = (RandAugment.from_config("rand-m9-mstd0.5-inc1", seed=seed, impl=impl, device=batch.device)(batch)
+               for seed in (3, 3, 4))
     assert a.dtype == torch.uint8 and a.shape == batch.shape and a.is_contiguous(memory_format=torch.channels_last)
     assert a.device == batch.device
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -241,7 +244,8 @@ def test_numba_result_does_not_depend_on_thread_count():
 
 def _aug(train=True, **kw):
     cfg = AugmentConfig(**kw)
-    return BatchAugment(cfg, num_classes=10, label_smoothing=0.1, dtype=torch.float32, train=train, seed=0)
+    return BatchAugment(cfg, num_classes=10, label_smoothing=0.1, dtype=torch.float32, train=train,
+                        device=torch.device("cpu"), seed=0)
 
 
 def test_normalize_only_in_eval():

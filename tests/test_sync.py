@@ -66,7 +66,8 @@ def test_batch_stage_is_one_copy_and_no_sync(device, mode):
     draw every op of the policy."""
     cfg = AugmentConfig(randaugment="rand-m9-n3-mstd0.5-inc1", randaugment_impl="torch", mixup_alpha=0.8,
                         cutmix_alpha=1.0, mix_mode=mode)
-    aug = BatchAugment(cfg, num_classes=10, label_smoothing=0.1, dtype=torch.bfloat16, train=True, seed=1)
+    aug = BatchAugment(cfg, num_classes=10, label_smoothing=0.1, dtype=torch.bfloat16, train=True,
+                       device=torch.device(device), seed=1)
     images, targets = device_batch(device, n=64)
     with audit(device) as warm_up:  # device constants (mean, std, fill) are made once, here
         aug(images, targets)

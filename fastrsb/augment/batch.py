@@ -6,6 +6,8 @@ Every random decision of a batch is drawn on the host and travels to the device 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from timm.data import Mixup
@@ -13,6 +15,15 @@ from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
 from fastrsb.augment.parcel import Parcel
 from fastrsb.config import AugmentConfig
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """A batch's mixing decisions, as BatchMixup.prepare put them in the parcel."""
+
+    mixing: slice  # per sample: weight of itself, weight of its partner, cut box y0, y1, x0, x1
+    sample_lam: slice | None  # 'elem'/'pair' modes: each sample's target lambda
+    batch_lam: float | None  # 'batch' mode: one Python float for every target, as timm mixes them
 
 
 class BatchMixup(Mixup):
@@ -24,10 +35,8 @@ class BatchMixup(Mixup):
     x * lam and partner * (1 - lam), each rounded to x's dtype, then added; the partner of sample i is
     sample n-1-i (timm's flip); cut boxes copy the partner's pixels."""
 
-    def prepare(self, shape: torch.Size, parcel: Parcel) -> tuple[slice, slice, float | None]:
-        """Draw the batch's mixing on the host into `parcel`: per sample (weight of itself, weight of
-        its partner, box y0, y1, x0, x1) and the lambda of its target. Returns the slices, and the
-        batch-mode lambda as a float (timm mixes targets with a Python float there)."""
+    def prepare(self, shape: torch.Size, parcel: Parcel) -> MixPlan:
+        """Draw the batch's mixing on the host into `parcel`."""
         n = shape[0]
         if n % 2:
             raise ValueError(f"mixup/cutmix needs an even batch; got {n} (set data.batch_size even)")
@@ -40,7 +49,7 @@ class BatchMixup(Mixup):
                 boxes[:] = box
             elif lam != 1.0:
                 own[:], other[:] = lam, 1.0 - lam
-            return parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), slice(0, 0), lam
+            return MixPlan(parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), None, lam)
         pairs = n // 2 if self.mode == "pair" else n
         lam, use_cutmix = self._params_per_elem(pairs)  # float32, as timm keeps them
         for i in range(pairs):
@@ -59,13 +68,12 @@ class BatchMixup(Mixup):
                 if self.mode == "pair":
                     own[j], other[j] = own[i], other[i]
         target_lam = np.concatenate([lam, lam[::-1]]) if self.mode == "pair" else lam
-        return parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), parcel.add(target_lam), None
+        return MixPlan(parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), parcel.add(target_lam), None)
 
-    def apply(self, x: torch.Tensor, targets: torch.Tensor, prepared, sent: torch.Tensor):
+    def apply(self, x: torch.Tensor, targets: torch.Tensor, plan: MixPlan, sent: torch.Tensor):
         """Mix a normalized float batch and make the soft targets, with the decisions in `sent`."""
-        mixing, target_lam, batch_lam = prepared
         n, _, h, w = x.shape
-        p = sent[mixing].view(n, 6)
+        p = sent[plan.mixing].view(n, 6)
         own, other = p[:, 0].float().view(n, 1, 1, 1), p[:, 1].float().view(n, 1, 1, 1)
         y0, y1, x0, x1 = (p[:, k].view(n, 1, 1, 1) for k in range(2, 6))
         rows = torch.arange(h, device=x.device, dtype=torch.float64).view(1, 1, h, 1)
@@ -74,13 +82,15 @@ class BatchMixup(Mixup):
         partner = x.flip(0)
         mixed = torch.where(cut, partner, (x * own).to(x.dtype) + (partner * other).to(x.dtype))
         # timm: a Python float in batch mode, else the per-sample lambdas in the images' dtype
-        lam = batch_lam if batch_lam is not None else sent[target_lam].to(x.dtype).unsqueeze(1)
+        lam = plan.batch_lam if plan.sample_lam is None else sent[plan.sample_lam].to(x.dtype).unsqueeze(1)
         return mixed, mixup_target(targets, self.num_classes, lam, self.label_smoothing)
 
 
 class BatchAugment:
+    """The batch stage for batches on `device` (RandAugment's implementation is chosen for it, once)."""
+
     def __init__(self, cfg: AugmentConfig, num_classes: int, label_smoothing: float, dtype: torch.dtype,
-                 train: bool, seed: int = 0):
+                 train: bool, device: torch.device, seed: int = 0):
         self.train, self.dtype = train, dtype
         self.mean255, self.std255 = [m * 255 for m in cfg.mean], [s * 255 for s in cfg.std]
         self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std once per device
@@ -88,7 +98,8 @@ class BatchAugment:
         if train and cfg.randaugment:
             from fastrsb.augment.randaugment import RandAugment
 
-            self.randaugment = RandAugment.from_config(cfg.randaugment, seed=seed, impl=cfg.randaugment_impl)
+            self.randaugment = RandAugment.from_config(cfg.randaugment, seed=seed, impl=cfg.randaugment_impl,
+                                                       device=device)
         self.mixup = None
         if train and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0):
             self.mixup = BatchMixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,

@@ -26,6 +26,7 @@ import torch
 from fastrsb.augment import randaugment_cpu as kernels
 from fastrsb.augment import randaugment_torch as torch_ops
 from fastrsb.augment.parcel import Parcel
+from fastrsb.config import resolve_randaugment_impl
 
 LEVEL_DENOM = 10.0
 RAND_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -107,20 +108,6 @@ def affine_coefficients(name: str, arg: torch.Tensor, h: int, w: int) -> torch.T
     raise KeyError(f"{name!r} is not a geometric RandAugment op")
 
 
-IMPLS = ("auto", "torch", "numba")
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """'auto': the numba kernels on the CPU, the torch ops on any other device."""
-    if impl not in IMPLS:
-        raise ValueError(f"RandAugment impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "numba" if device.type == "cpu" else "torch"
-    if impl == "numba" and device.type != "cpu":
-        raise ValueError(f"RandAugment impl 'numba' runs on the CPU only, not on {device}")
-    return impl
-
-
 # the kernel op code of each timm op, by its name without Increasing/Original
 _KERNEL_CODE = {"AutoContrast": kernels.AUTOCONTRAST, "Equalize": kernels.EQUALIZE, "Invert": kernels.INVERT,
                 "Posterize": kernels.POSTERIZE, "Solarize": kernels.SOLARIZE, "SolarizeAdd": kernels.SOLARIZE_ADD,
@@ -161,13 +148,10 @@ def apply_op_args(images: torch.Tensor, name: str, arg: torch.Tensor, impl: str 
     """Apply op `name` with per-sample PIL-level arguments `arg` (M,) to uint8 (M,H,W,3) NHWC images."""
     h, w = images.shape[1:3]
     code, params = kernel_op(name, arg, h, w)
-    if resolve_impl(impl, images.device) == "numba":
-        codes = torch.full((1, images.shape[0]), code, dtype=torch.int8)
-        return run_kernels(images, codes, params.unsqueeze(0))
+    ops = create_ops(impl, images.device)
     parcel = Parcel()
-    where = parcel.add(params)
-    sent = parcel.send(images)
-    return _torch_op(images, code, sent[where].view(-1, 6), _fill_on(images.device))
+    plan = ops.plan(torch.full((1, images.shape[0]), code, dtype=torch.int8), params.unsqueeze(0), parcel)
+    return ops.run(images, plan, parcel.send(images) if len(parcel) else None)
 
 
 def _torch_op(images: torch.Tensor, code: int, params: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -175,11 +159,6 @@ def _torch_op(images: torch.Tensor, code: int, params: torch.Tensor, fill: torch
     if code == kernels.AFFINE:
         return torch_ops.affine(images, params, fill)
     return torch_ops.OPS[code](images, params)
-
-
-def _fill_on(device: torch.device) -> torch.Tensor:
-    """timm's fill colour as a uint8 (3,) tensor on `device` (one small copy: RandAugment keeps one)."""
-    return torch.tensor(IMAGENET_FILL, dtype=torch.uint8, device=device)
 
 
 def _nhwc(images: torch.Tensor) -> torch.Tensor:
@@ -265,50 +244,97 @@ class _TorchPlan:
     restore: slice  # parcel slice: the order that puts the samples back
 
 
-def _plan_groups(codes: torch.Tensor, params: torch.Tensor, parcel: Parcel) -> _TorchPlan:
-    """A kernel program (codes (L, n), params (L, n, 6)) as the torch ops run it: each layer gathers the
-    batch sorted by op code, so every op group is one contiguous slice (one set of launches for all
-    its samples); a last gather restores the sample order. Group sizes are known here, on the host,
-    so the device never has to report them. Gathers are cheap on any device, unlike scattering
-    groups back into the batch."""
-    layers, n = codes.shape
-    holds = np.arange(n)  # after a layer's gather, row j holds sample holds[j]
-    position = np.empty(n, np.int64)
-    planned = []
-    for layer in range(layers):
-        code = codes[layer].numpy()
-        order = np.argsort(code, kind="stable")
+class KernelOps:
+    """The numba kernels of randaugment_cpu.py, CPU only: each image runs its own ops in order, in
+    parallel over images. They read the kernel program from host memory: nothing goes into the parcel."""
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+
+    def plan(self, codes: torch.Tensor, params: torch.Tensor, parcel: Parcel) -> tuple[torch.Tensor, torch.Tensor]:
+        return codes, params
+
+    def run(self, images: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], sent: torch.Tensor | None) -> torch.Tensor:
+        """uint8 (N,H,W,3) images through the program."""
+        return run_kernels(images, *plan, self._scratch(images))
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """The kernels' work buffer, kept across calls: a fresh batch-sized tensor would be page-faulted
+        in on every call, which on a CPU costs as much as the ops themselves."""
+        if self._buffer is None or self._buffer.shape != like.shape:
+            self._buffer = torch.empty_like(like)
+        return self._buffer
+
+
+class TorchOps:
+    """The torch ops of randaugment_torch.py, any device (what runs on cuda): samples grouped by op code,
+    so a layer costs one set of launches per op, not a Python loop over images."""
+
+    def __init__(self):
+        self._fill: torch.Tensor | None = None
+
+    def plan(self, codes: torch.Tensor, params: torch.Tensor, parcel: Parcel) -> _TorchPlan:
+        """A kernel program (codes (L, n), params (L, n, 6)) as the torch ops run it: each layer gathers the
+        batch sorted by op code, so every op group is one contiguous slice (one set of launches for all
+        its samples); a last gather restores the sample order. Group sizes are known here, on the host,
+        so the device never has to report them. Gathers are cheap on any device, unlike scattering
+        groups back into the batch. The gather orders and parameters go into `parcel`."""
+        layers, n = codes.shape
+        holds = np.arange(n)  # after a layer's gather, row j holds sample holds[j]
+        position = np.empty(n, np.int64)
+        planned = []
+        for layer in range(layers):
+            code = codes[layer].numpy()
+            order = np.argsort(code, kind="stable")
+            position[holds] = np.arange(n)
+            gather = parcel.add(position[order])
+            holds = order
+            groups = []
+            sorted_codes = code[order]
+            starts = np.flatnonzero(np.diff(sorted_codes, prepend=-1))
+            for start, stop in zip(starts, [*starts[1:], n]):
+                if sorted_codes[start] != kernels.IDENTITY:
+                    groups.append(_Group(int(sorted_codes[start]), int(start), int(stop),
+                                         parcel.add(params[layer].numpy()[order[start:stop]])))
+            planned.append(_Layer(gather, groups))
         position[holds] = np.arange(n)
-        gather = parcel.add(position[order])
-        holds = order
-        groups = []
-        sorted_codes = code[order]
-        starts = np.flatnonzero(np.diff(sorted_codes, prepend=-1))
-        for start, stop in zip(starts, [*starts[1:], n]):
-            if sorted_codes[start] != kernels.IDENTITY:
-                groups.append(_Group(int(sorted_codes[start]), int(start), int(stop),
-                                     parcel.add(params[layer].numpy()[order[start:stop]])))
-        planned.append(_Layer(gather, groups))
-    position[holds] = np.arange(n)
-    return _TorchPlan(planned, parcel.add(position))
+        return _TorchPlan(planned, parcel.add(position))
+
+    def run(self, images: torch.Tensor, plan: _TorchPlan, sent: torch.Tensor) -> torch.Tensor:
+        """uint8 (N,H,W,3) images through the plan, its orders and parameters read from `sent` (the parcel
+        on the device)."""
+        if self._fill is None:  # timm's fill colour, copied to the batches' device once, not with every batch
+            self._fill = torch.tensor(IMAGENET_FILL, dtype=torch.uint8, device=images.device)
+        work = images
+        for layer in plan.layers:
+            # out= matters: index_select into a tensor it allocates itself takes a path ~5x slower on CPU
+            work = torch.index_select(work, 0, sent[layer.gather].long(), out=torch.empty_like(work))
+            for g in layer.groups:
+                work[g.start:g.stop] = _torch_op(work[g.start:g.stop], g.code, sent[g.params].view(-1, 6), self._fill)
+        return torch.index_select(work, 0, sent[plan.restore].long(), out=torch.empty_like(work))
+
+
+def create_ops(impl: str, device: torch.device) -> KernelOps | TorchOps:
+    """augment.randaugment_impl's choice for `device` ('auto': the kernels on the CPU, the torch ops elsewhere)."""
+    return KernelOps() if resolve_randaugment_impl(impl, device.type) == "numba" else TorchOps()
 
 
 class RandAugment:
     """Per-sample RandAugment decisions drawn on the host from a seeded generator as a kernel program
-    (an op code and six parameters per sample and layer), then applied to the batch: by the numba
-    kernels on the CPU (impl "numba"), or by the torch ops grouped by op code (impl "torch", any device;
-    what runs on cuda). Both give each sample its own ops in order, bit-exact with timm's PIL ops."""
+    (an op code and six parameters per sample and layer), then applied to the batch by the ops chosen
+    once, here, for the device: the numba kernels on the CPU, or the torch ops grouped by op code (any
+    device; what runs on cuda). Both give each sample its own ops in order, bit-exact with timm's PIL ops."""
 
-    def __init__(self, spec: RandAugmentSpec, seed: int = 0, impl: str = "auto"):
-        resolve_impl(impl, torch.device("cpu"))  # validates the name
-        self.spec, self.impl = spec, impl
+    def __init__(self, spec: RandAugmentSpec, seed: int = 0, impl: str = "auto",
+                 device: torch.device = torch.device("cpu")):
+        self.spec, self.device = spec, device
+        self.ops = create_ops(impl, device)
         self.gen = torch.Generator().manual_seed(seed)
-        self._buffer: torch.Tensor | None = None  # the numba kernels' scratch
-        self._fill: dict[torch.device, torch.Tensor] = {}  # the torch ops' fill colour, once per device
 
     @classmethod
-    def from_config(cls, config: str, seed: int = 0, impl: str = "auto") -> "RandAugment":
-        return cls(parse_rand_augment(config), seed, impl)
+    def from_config(cls, config: str, seed: int = 0, impl: str = "auto",
+                    device: torch.device = torch.device("cpu")) -> "RandAugment":
+        return cls(parse_rand_augment(config), seed, impl, device)
 
     def draw(self, n: int) -> dict[str, torch.Tensor]:
         """The decisions timm's RandAugment makes for n images: per layer an op (uniform, with
@@ -333,32 +359,18 @@ class RandAugment:
         return self.apply(images, plan, parcel.send(images) if len(parcel) else None)
 
     def prepare(self, images: torch.Tensor, parcel: Parcel):
-        """Draw this batch's decisions on the host. For the torch ops they go into `parcel` (sent to the
-        device with the rest of the batch stage's decisions); returns what `apply` needs."""
+        """Draw this batch's decisions on the host; what the device needs goes into `parcel` (sent with the
+        rest of the batch stage's decisions). Returns the plan `apply` runs."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"RandAugment expects uint8 (N,3,H,W) batches, got {images.dtype} {tuple(images.shape)}")
+        if images.device.type != self.device.type:
+            raise ValueError(f"RandAugment was set up for {self.device}, got a batch on {images.device}")
         n, _, h, w = images.shape
-        program = self._program(self.draw(n), h, w)
-        if resolve_impl(self.impl, images.device) == "numba":
-            return program
-        return _plan_groups(*program, parcel)
+        return self.ops.plan(*self._program(self.draw(n), h, w), parcel)
 
     def apply(self, images: torch.Tensor, plan, sent: torch.Tensor | None) -> torch.Tensor:
-        """Run a prepared batch: the numba kernels on the CPU, or the torch ops on the device, reading
-        their parameters from `sent` (the parcel on the device)."""
-        work = _nhwc(images)
-        if resolve_impl(self.impl, images.device) == "numba":
-            return _restore_layout(run_kernels(work, *plan, self._scratch(work)), images)
-        fill = self._fill.get(images.device)
-        if fill is None:
-            fill = self._fill[images.device] = _fill_on(images.device)
-        for layer in plan.layers:
-            # out= matters: index_select into a tensor it allocates itself takes a path ~5x slower on CPU
-            work = torch.index_select(work, 0, sent[layer.gather].long(), out=torch.empty_like(work))
-            for g in layer.groups:
-                work[g.start:g.stop] = _torch_op(work[g.start:g.stop], g.code, sent[g.params].view(-1, 6), fill)
-        restored = torch.index_select(work, 0, sent[plan.restore].long(), out=torch.empty_like(work))
-        return _restore_layout(restored, images)
+        """Run a prepared batch, reading the device side of its plan from `sent` (the parcel on the device)."""
+        return _restore_layout(self.ops.run(_nhwc(images), plan, sent), images)
 
     def _program(self, d: dict[str, torch.Tensor], h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The draws as a kernel program: op codes (layers, n) int8 (IDENTITY where no op applies) and
@@ -373,13 +385,6 @@ class RandAugment:
             sign = d["sign"][chosen] if name in SIGNED else torch.ones(int(chosen.sum()))
             codes[chosen], params[chosen] = kernel_op(name, level_to_arg(name, d["magnitude"][chosen], sign), h, w)
         return codes, params
-
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """The kernels' work buffer, kept across calls: a fresh batch-sized tensor would be page-faulted
-        in on every call, which on a CPU costs as much as the ops themselves."""
-        if self._buffer is None or self._buffer.shape != like.shape:
-            self._buffer = torch.empty_like(like)
-        return self._buffer
 
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state()}
