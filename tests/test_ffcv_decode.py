@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastrsb.data.crops import crop_boxes, flip_of, random_resized_crop
+from fastrsb.data.crops import flip_of, random_resized_crop
 from fastrsb.data.ffcv_decode import center_crop_geometry, jpeg_mcu_size, resample
 from fastrsb.data.sampler import augmentation_keys
 from tests.datagen import textured
@@ -138,7 +138,7 @@ def test_decoded_box_at_full_scale_matches_pillow(subsampling):
     of the whole-image decode, and both are Pillow's resize(box) of Pillow's decode up to the JPEG decoders'
     IDCTs (TurboJPEG's fast integer IDCT, as libffcv asks, vs Pillow's accurate one): mean |diff| < 1.5
     grey levels and max <= 12 per box (measured: mean 0.94, max 7 on ImageNet-like q90 photographs)."""
-    from fastrsb.data.ffcv_decode import _CROPPED
+    from fastrsb.data.ffcv_decode import CROPPED
 
     rng = np.random.default_rng(2)
     cropped = 0
@@ -152,8 +152,8 @@ def test_decoded_box_at_full_scale_matches_pillow(subsampling):
         pil_filter, bicubic = FILTERS["bicubic" if case % 2 else "bilinear"]
         whole, outcome_whole = _decode(data, box, out, bicubic, crop_max_area_fraction=0.0)
         window, outcome_window = _decode(data, box, out, bicubic, crop_max_area_fraction=1.0)
-        assert outcome_whole & 0xFF == 0 and not outcome_whole & _CROPPED
-        assert outcome_window & _CROPPED
+        assert outcome_whole & 0xFF == 0 and not outcome_whole & CROPPED
+        assert outcome_window & CROPPED
         cropped += 1
         assert np.array_equal(whole, window), case
         diff = np.abs(whole.astype(int) - _pillow(data, box, out, pil_filter))
@@ -196,7 +196,7 @@ def luma_1x4_jpeg(img: Image.Image) -> bytes:
 
 
 def test_a_jpeg_turbojpeg_cannot_crop_falls_back_to_a_whole_decode():
-    from fastrsb.data.ffcv_decode import _FALLBACK
+    from fastrsb.data.ffcv_decode import FALLBACK
 
     data = luma_1x4_jpeg(photo_like(256, 192, 9))
     encoded = np.frombuffer(data, np.uint8)
@@ -204,7 +204,7 @@ def test_a_jpeg_turbojpeg_cannot_crop_falls_back_to_a_whole_decode():
     box = (100, 64, 140, 100)
     whole, outcome_whole = _decode(data, box, 32, crop_max_area_fraction=0.0)
     fallback, outcome = _decode(data, box, 32, crop_max_area_fraction=1.0)
-    assert outcome & _FALLBACK and not outcome_whole & _FALLBACK
+    assert outcome & FALLBACK and not outcome_whole & FALLBACK
     assert np.array_equal(fallback, whole)
     diff = np.abs(fallback.astype(int) - _pillow(data, box, 32))  # Pillow reads it the same way
     assert diff.mean() < 1.5 and diff.max() <= 12

@@ -118,3 +118,11 @@ def test_abandoned_epochs_leak_nothing(coded_dataset, spec):
         readings.append(resources())
     before, after = ({k: min(r[k] for r in rs) for k in rs[0]} for rs in (readings[5:10], readings[25:30]))
     assert after == before, f"{spec}: 20 more abandoned epochs left {before} -> {after}"
+
+
+def test_ffcv_quasi_random_order_runs_a_train_epoch(coded_dataset):
+    """ffcv's QUASI_RANDOM order hands fastrsb's decoder bare indices: unseeded crops, an epoch all the same."""
+    loader = create_loader(make_cfg(coded_dataset, "ffcv", ffcv_quasi_random=True), "train", DistInfo())
+    loader.set_epoch(0)
+    images = guarded("ffcv quasi-random: a train epoch", lambda: [b.images.clone() for b in loader])
+    assert len(images) == len(loader) and all(x.shape[0] == loader.batch_size for x in images)

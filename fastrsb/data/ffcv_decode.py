@@ -36,8 +36,11 @@ _SUPPORT = (1.0, 2.0)  # bilinear, bicubic (a = -0.5): Pillow's filters
 CROP_MAX_AREA_FRACTION = 0.15
 _CHROMA_MARGIN = 2  # decoded pixels kept beyond the taps: chroma upsampling differs at a window edge
 
-# Per-sample outcome, written next to the sample's index and key (see DecodeStats)
-_DONE, _CROPPED, _FALLBACK, _DECODE_ERROR = 1 << 8, 1 << 9, 1 << 10, 1 << 11  # low byte: log2(scale denominator)
+# What decode_box did with one image, as bits: the low byte is log2 of the DCT scale denominator (0: whole
+# size, 1..3: 1/2..1/8), then decoded at all, of a cropped window, fell back to a whole decode after TurboJPEG
+# refused the crop, TurboJPEG reported an error. ffcv_loader's decoder records them per sample (DecodeStats).
+DCT_SHIFT_MASK = 0xFF
+DONE, CROPPED, FALLBACK, DECODE_ERROR = 1 << 8, 1 << 9, 1 << 10, 1 << 11
 
 
 @nb.njit(nogil=True, cache=True)
@@ -305,25 +308,6 @@ def uint8_pointer(typingctx, address):
     return types.CPointer(types.uint8)(types.intp), codegen
 
 
-@intrinsic
-def _load_i64(typingctx, address):
-    """The int64 at a raw address (the decoder reads each sample's key next to its index)."""
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], context.get_value_type(types.int64).as_pointer())
-        return builder.load(ptr)
-    return types.int64(types.intp), codegen
-
-
-@intrinsic
-def _store_i64(typingctx, address, value):
-    """Store an int64 at a raw address (each sample's decode outcome goes next to its key)."""
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], context.get_value_type(types.int64).as_pointer())
-        builder.store(args[1], ptr)
-        return context.get_dummy_value()
-    return types.void(types.intp, types.int64), codegen
-
-
 @nb.njit(nogil=True, cache=True)
 def dct_shift(box_w: float, box_h: float, out_w: int, out_h: int) -> int:
     """log2 of the largest DCT scale denominator (TurboJPEG: 1, 2, 4, 8) at which the box still
@@ -401,24 +385,24 @@ def decode_box(imdecode: int, address: int, size: int, is_jpeg: bool, height: in
     if not is_jpeg:  # raw pixels (write modes raw/smart/proportion)
         pixels = nb.carray(uint8_pointer(address), (height, width, 3))
         resample(pixels, x_in0, x_scale, x_offset, y_in0, y_scale, y_offset, bicubic, flip, out)
-        return _DONE
+        return DONE
     mcu_w, mcu_h = jpeg_mcu_size(address, size)
     shift, x0, y0, x1, y1, crop, xb, xw, yb, yw = plan_decode(height, width, mcu_w, mcu_h, x_in0, x_scale, x_offset,
                                                                y_in0, y_scale, y_offset, out_w, out_h, bicubic,
                                                                crop_max_area_fraction)
     d = 1 << shift
-    outcome = shift | _DONE
+    outcome = shift | DONE
     if crop:
         dec_w, dec_h = (x1 - x0 + d - 1) // d, (y1 - y0 + d - 1) // d
         buf = np.empty((dec_h, dec_w, 3), np.uint8)
         if _call_imdecode(imdecode, address, size, height, width, buf.ctypes.data, y1 - y0, x1 - x0, x0, y0, 1, d,
                           True, False) == 0:
-            outcome |= _CROPPED
+            outcome |= CROPPED
         else:
             # TurboJPEG's lossless crop refuses some JPEGs its decoder reads (e.g. sampling factors it
             # cannot name, such as 1x4 luma): decode the whole image instead of failing the epoch
             crop = False
-            outcome |= _FALLBACK
+            outcome |= FALLBACK
             xb[:, 0] += x0 // d
             yb[:, 0] += y0 // d
     if not crop:
@@ -426,7 +410,7 @@ def decode_box(imdecode: int, address: int, size: int, is_jpeg: bool, height: in
         buf = np.empty((dec_h, dec_w, 3), np.uint8)
         if _call_imdecode(imdecode, address, size, height, width, buf.ctypes.data, height, width, 0, 0, 1, d, False,
                           False) != 0:
-            outcome |= _DECODE_ERROR  # TurboJPEG errors and warnings alike; whatever it wrote is used, as ffcv does
+            outcome |= DECODE_ERROR  # TurboJPEG errors and warnings alike; whatever it wrote is used, as ffcv does
     vertical_first = pillow_vertical_first((width + d - 1) // d, (height + d - 1) // d, out_w, out_h)
     resample_taps(buf, xb, xw, yb, yw, vertical_first, flip, out)
     return outcome

@@ -21,7 +21,7 @@ import numpy as np
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
 from fastrsb.data.crops import flip_of, random_resized_crop
 from fastrsb.data.ffcv_decode import (
-    _CROPPED, _DECODE_ERROR, _DONE, _FALLBACK, _load_i64, _store_i64, center_crop_geometry, decode_into,
+    CROPPED, DCT_SHIFT_MASK, DECODE_ERROR, DONE, FALLBACK, center_crop_geometry, decode_into,
 )
 from fastrsb.data.sampler import num_batches
 from fastrsb.data.staging import nhwc_to_batch
@@ -39,11 +39,10 @@ from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 
 _JPG = int(IMAGE_MODES["jpg"])
-# Each sample travels through ffcv as one row of an (n, 3) int64 table, [index, key, outcome]: ffcv
-# gets the index column (a strided view, which it slices into batches without copying), the decoder
-# reads the key and writes the outcome next to the index it was handed.
-_ROW_BYTES = 24
-_KEY_OFFSET, _OUTCOME_OFFSET = 8, 16
+# The columns of an EpochTable row, int64 each
+INDEX, KEY, OUTCOME = 0, 1, 2
+ROW_WIDTH = 3
+ROW_BYTES = ROW_WIDTH * np.dtype(np.int64).itemsize
 
 
 # libffcv's imdecode (TurboJPEG, thread-local handles), called by address from the compiled decoder
@@ -54,18 +53,63 @@ _decode_into = decode_into.ctypes
 @nb.njit(nogil=True)
 def _unseeded_key() -> np.int64:
     """For ffcv's own QUASI_RANDOM order, which hands the decoder bare indices (no keys)."""
-    return np.random.randint(-(2 ** 62), 2 ** 62)
+    return np.random.randint(0, 2 ** 62)  # numba's randint takes a range that fits in int64
+
+
+class EpochTable:
+    """The epoch ffcv is handed, and the channel between fastrsb and its decoder inside ffcv.
+
+    With keys (fastrsb's decoder), each sample is a row of one int64 table, [index, key, outcome]: ffcv is
+    handed the index column, the decoder reads each sample's augmentation key from its row and records
+    there what it did (fastrsb.data.ffcv_decode's outcome bits), and the loader reads that back per batch.
+    Without keys (ffcv's own decoders, which take none) ffcv is handed the bare indices."""
+
+    def __init__(self, batch_size: int, keyed: bool):
+        self.batch_size, self.keyed = batch_size, keyed
+        self.rows = np.zeros((0, ROW_WIDTH), np.int64)
+        self.order = self.rows[:, INDEX]  # what ffcv iterates next (SharedOrder)
+
+    def start(self, indices: np.ndarray, keys: np.ndarray) -> None:
+        """Install an epoch: its samples' indices, in order, and their uint64 augmentation keys."""
+        if not self.keyed:
+            self.order = indices
+            return
+        rows = np.zeros((len(indices), ROW_WIDTH), np.int64)
+        rows[:, INDEX] = indices
+        rows[:, KEY] = keys.view(np.int64)
+        self.rows, self.order = rows, rows[:, INDEX]
+
+    def outcomes(self, batch: int) -> np.ndarray:
+        """The outcome bits the decoder recorded for batch `batch` of the installed epoch (0: not decoded)."""
+        return self.rows[batch * self.batch_size:(batch + 1) * self.batch_size, OUTCOME]
+
+
+@nb.njit(nogil=True)
+def table_rows(batch_indices):
+    """The EpochTable rows of a batch, from the batch of indices ffcv hands the decoder.
+
+    A side channel, and the only one ffcv 1.0.2 leaves: the decoder is called with the batch's slice of the
+    order it was handed (and the dataset's metadata, storage and ffcv's own buffers), nothing per sample
+    besides. ffcv slices the order into batches without copying, so that slice is a view of the index column
+    (stride ROW_BYTES), and this widens it to the whole rows it lies in. The caller checks the stride first:
+    from a copy (another ffcv version) it would read past the copy's end."""
+    return np.lib.stride_tricks.as_strided(batch_indices, (len(batch_indices), ROW_WIDTH),
+                                           (ROW_BYTES, batch_indices.itemsize))
 
 
 class FastrsbDecoder(Operation):
     """ffcv decoder for RGBImageField: train = seeded RandomResizedCrop + flip, val = torchvision's
     Resize(res / crop_pct) + CenterCrop(res); both decode only what the box needs and resize with
-    Pillow's filter (`interpolation`: a data.interpolation value)."""
+    Pillow's filter (`interpolation`: a data.interpolation value).
+
+    reads_table: the batches are views of a keyed EpochTable's order (SharedOrder): each sample's key
+    comes from its row and its outcome goes there. Otherwise (ffcv's QUASI_RANDOM order: bare indices)
+    train crops are unseeded and nothing is recorded."""
 
     def __init__(self, output_size: tuple[int, int], train: bool, interpolation: str, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875):
+                 ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875, *, reads_table: bool):
         super().__init__()
-        self.output_size, self.train = tuple(output_size), train
+        self.output_size, self.train, self.reads_table = tuple(output_size), train, reads_table
         self.bicubic = FILTERS[interpolation]["pillow"] == "BICUBIC"
         self.scale, self.ratio, self.crop_pct = tuple(scale), tuple(ratio), crop_pct
 
@@ -77,7 +121,7 @@ class FastrsbDecoder(Operation):
     def generate_code(self):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        train, bicubic = self.train, self.bicubic
+        train, bicubic, reads_table = self.train, self.bicubic, self.reads_table
         out_h, out_w = self.output_size
         scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
         log_ratio_lo, log_ratio_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
@@ -85,15 +129,17 @@ class FastrsbDecoder(Operation):
         jpg, imdecode = _JPG, IMDECODE
 
         def decode(batch_indices, destination, metadata, storage_state):
-            rows = np.intp(batch_indices.ctypes.data)
-            stride = batch_indices.strides[0]
-            keyed = stride == _ROW_BYTES
+            # reads_table is a constant of this compile: numba drops the branches of the other case
+            if reads_table:
+                if batch_indices.strides[0] != ROW_BYTES:  # not a view of the table: decode and record nothing,
+                    return destination[:len(batch_indices)]  # which FfcvLoader reports
+                rows = table_rows(batch_indices)
             for k in my_range(len(batch_indices)):
                 field = metadata[batch_indices[k]]
                 data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.int64(field["height"]), np.int64(field["width"])
                 if train:
-                    key = _load_i64(rows + k * stride + _KEY_OFFSET) if keyed else _unseeded_key()
+                    key = rows[k, KEY] if reads_table else _unseeded_key()
                     top, left, h, w = random_resized_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
                                                           np.uint64(key))
                     x_in0, x_scale, x_offset = float(left), w / out_w, 0.0
@@ -107,8 +153,8 @@ class FastrsbDecoder(Operation):
                 outcome = _decode_into(imdecode, np.intp(data.ctypes.data), data.size, field["mode"] == jpg, height,
                                        width, x_in0, x_scale, x_offset, y_in0, y_scale, y_offset, bicubic, flip,
                                        np.intp(out.ctypes.data), out_h, out_w)
-                if keyed:
-                    _store_i64(rows + k * stride + _OUTCOME_OFFSET, outcome)
+                if reads_table:
+                    rows[k, OUTCOME] = outcome
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -116,17 +162,17 @@ class FastrsbDecoder(Operation):
 
 
 class DecodeStats:
-    """How the epoch's images were decoded, from the outcome the decoder leaves next to each key."""
+    """How the epoch's images were decoded, from the outcomes the decoder records in the EpochTable."""
 
     def __init__(self):
         self.by_scale = np.zeros(4, np.int64)  # whole, 1/2, 1/4, 1/8
         self.cropped = self.fallback = self.decode_errors = 0
 
     def add(self, outcomes: np.ndarray) -> None:
-        self.by_scale += np.bincount(outcomes & 0xFF, minlength=4)[:4]
-        self.cropped += int(np.count_nonzero(outcomes & _CROPPED))
-        self.fallback += int(np.count_nonzero(outcomes & _FALLBACK))
-        self.decode_errors += int(np.count_nonzero(outcomes & _DECODE_ERROR))
+        self.by_scale += np.bincount(outcomes & DCT_SHIFT_MASK, minlength=4)[:4]
+        self.cropped += int(np.count_nonzero(outcomes & CROPPED))
+        self.fallback += int(np.count_nonzero(outcomes & FALLBACK))
+        self.decode_errors += int(np.count_nonzero(outcomes & DECODE_ERROR))
 
     def as_dict(self) -> dict:
         n = int(self.by_scale.sum())
@@ -137,31 +183,53 @@ class DecodeStats:
 
 
 class SharedOrder(TraversalOrder):
-    """Hands ffcv the shared sampler's indices for whatever epoch the fastrsb loader is on.
+    """The shared sampler's order as ffcv's TraversalOrder: the order of the epoch installed in the table.
 
     ffcv 1.0.2 takes an instance and calls it with the loader, hence __call__."""
 
-    def __init__(self, owner: "FfcvLoader"):
-        self.owner = owner
+    def __init__(self, table: EpochTable):
+        self.table = table
 
     def __call__(self, loader) -> "SharedOrder":
         TraversalOrder.__init__(self, loader)
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.owner.pending_order
+        """ffcv's `epoch` counts its own passes (Loader.__init__ asks for pass 0, then each iter(loader)
+        for the next), which is not fastrsb's epoch: set_epoch picks that, may start it mid-way (resume) and
+        may repeat it (evaluation). FfcvLoader installs the epoch in the table before each pass, so the
+        table's order is the one for the pass ffcv asks about, whatever number it gives it."""
+        return self.table.order
 
 
 class FfcvLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes)
-        self.ours = cfg.ffcv_decoder == "fastrsb"
+        self.uses_fastrsb_decoder = cfg.ffcv_decoder == "fastrsb"
+        self.quasi_random = bool(cfg.ffcv_quasi_random and self.train)
+        if self.quasi_random and (dist.world_size > 1 or cfg.num_repeats > 1):
+            raise ValueError("data.ffcv_quasi_random: ffcv's QUASI_RANDOM order supports neither distributed runs "
+                             "nor repeated augmentation (data.num_repeats)")
+        # fastrsb's decoder in the shared order: keys and outcomes travel in the epoch table
+        self.decoder_reads_table = self.uses_fastrsb_decoder and not self.quasi_random
         self.decode_stats = DecodeStats()
-        self._table = np.zeros((0, 3), np.int64)
-        self.pending_order = self._order(self.plan(0, 0))  # ffcv's Loader() asks for an order to size itself
+        if self.quasi_random:
+            # memory-friendly order for datasets larger than RAM. It bypasses the shared order: the
+            # other backends see other images, a resumed epoch has the right length, not the same
+            # images, and the crops are not seeded (ffcv hands the decoder bare indices)
+            self.epoch_table, order = None, OrderOption.QUASI_RANDOM
+        else:
+            self.epoch_table = EpochTable(self.batch_size, keyed=self.decoder_reads_table)
+            # A whole epoch is installed before ffcv's Loader is built: its __init__ asks the order for
+            # pass 0 (Loader.first_traversal_order) and keeps that array's length as len(loader) for good;
+            # each pass is then cut to len(loader) * batch_size, so an empty order here would empty them all.
+            plan = self.plan(0, 0)
+            self.epoch_table.start(plan.indices, plan.keys)
+            order = SharedOrder(self.epoch_table)
         res = self.resolution
-        if self.ours:
-            self.decoder = FastrsbDecoder((res, res), self.train, cfg.interpolation, cfg.scale, cfg.ratio, cfg.crop_pct)
+        if self.uses_fastrsb_decoder:
+            self.decoder = FastrsbDecoder((res, res), self.train, cfg.interpolation, cfg.scale, cfg.ratio, cfg.crop_pct,
+                                          reads_table=self.decoder_reads_table)
             image = [ToTensor()]
         elif self.train:
             self.decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
@@ -178,33 +246,11 @@ class FfcvLoader(SplitLoader):
             # out, and an event recorded on the consumer's stream guards the slot before it is refilled
             image.append(ToDevice(dist.device, non_blocking=True))
             label.append(ToDevice(dist.device, non_blocking=True))
-        if cfg.ffcv_quasi_random and self.train:
-            if dist.world_size > 1 or cfg.num_repeats > 1:
-                raise ValueError("data.ffcv_quasi_random: ffcv's QUASI_RANDOM order supports neither distributed runs "
-                                 "nor repeated augmentation (data.num_repeats)")
-            # memory-friendly order for datasets larger than RAM. It bypasses the shared order: the
-            # other backends see other images, a resumed epoch has the right length, not the same
-            # images, and the crops are not seeded (ffcv hands the decoder bare indices)
-            order = OrderOption.QUASI_RANDOM
-        else:
-            order = SharedOrder(self)
-        self.quasi_random = order is OrderOption.QUASI_RANDOM
-        image_pipeline = PipelineSpec("image", self.decoder, image) if self.ours else image
+        image_pipeline = PipelineSpec("image", self.decoder, image) if self.uses_fastrsb_decoder else image
         self.loader = FfcvLibraryLoader(str(info.beton_path), batch_size=self.batch_size, num_workers=self.workers,
                                         os_cache=cfg.ffcv_os_cache, order=order, seed=cfg.seed, drop_last=self.train,
                                         batches_ahead=cfg.ffcv_batches_ahead,
                                         pipelines={"image": image_pipeline, "label": label})
-
-    def _order(self, plan: EpochPlan) -> np.ndarray:
-        """The index column of a fresh [index, key, outcome] table for this epoch's samples (only the
-        indices themselves for ffcv's own decoders)."""
-        if not self.ours:
-            return plan.indices
-        table = np.zeros((len(plan.indices), 3), np.int64)
-        table[:, 0] = plan.indices
-        table[:, 1] = plan.keys.view(np.int64)
-        self._table = table
-        return table[:, 0]
 
     def set_resolution(self, px: int) -> None:
         super().set_resolution(px)
@@ -213,20 +259,19 @@ class FfcvLoader(SplitLoader):
             self.loader.recompile = True  # buffers are sized at compile time
 
     def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
-        indices = plan.indices
-        self.pending_order = self._order(plan)
-        table = self._table
+        table = self.epoch_table
+        if table is not None:
+            table.start(plan.indices, plan.keys)
         epoch = iter(self.loader)
         self.loader.recompile = False
         it = epoch
-        if self.quasi_random and len(indices) < self.epoch_length:  # resumed: the remaining length, other images
-            it = islice(it, num_batches(len(indices), self.batch_size, self.train))
-        bs = self.batch_size
+        if self.quasi_random and len(plan.indices) < self.epoch_length:  # resumed: the remaining length, other images
+            it = islice(it, num_batches(len(plan.indices), self.batch_size, self.train))
         try:
             for b, (images, labels) in enumerate(it):
-                if self.ours and not self.quasi_random:
-                    outcomes = table[b * bs:b * bs + images.shape[0], 2]
-                    if not np.all(outcomes & _DONE):
+                if self.decoder_reads_table:
+                    outcomes = table.outcomes(b)
+                    if not np.all(outcomes & DONE):
                         raise RuntimeError("fastrsb's ffcv decoder did not receive the keyed sample order (ffcv copied "
                                            "it?): crops cannot be seeded; this ffcv version is not supported "
                                            "(use data.ffcv_decoder=ffcv)")
