@@ -4,13 +4,16 @@ from __future__ import annotations
 import functools
 import re
 import subprocess
+import time
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from dataprep.layout import atomic_write
+from fastrsb.dist import DistInfo
 
 REQUIRED = ("model", "optimizer", "epoch", "batch_in_epoch", "step", "config")
 _NAME = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
@@ -18,6 +21,11 @@ _NAME = re.compile(r"ckpt_e(\d+)_s(\d+)\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be loaded (truncated, corrupt, or missing required entries)."""
+
+
+class NonFiniteState(RuntimeError):
+    """A NaN/inf in the training state (the loss, weights, buffers or optimizer state): the run stops and no
+    checkpoint is written from it."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,6 +123,59 @@ def prune(ckpt_dir: Path, keep: int, metric_of: dict[str, float]) -> None:
     for p in ckpts:
         if p not in newest and p not in best:
             p.unlink(missing_ok=True)
+
+
+class Checkpointer:
+    """A run's checkpoints as a component of its own (as torchtitan's CheckpointManager): when one is due,
+    writing one (refusing a non-finite state, rank 0 writes atomically, best-of bookkeeping, pruning) and
+    finding the one to resume from. The trainer decides *what* the state is; this decides where and when."""
+
+    def __init__(self, ckpt_dir: Path, dist: DistInfo, keep: int, every_minutes: float, every_epochs: int,
+                 epochs: int):
+        self.dir, self.dist = ckpt_dir, dist
+        self.keep, self.every_minutes, self.every_epochs, self.epochs = keep, every_minutes, every_epochs, epochs
+        self.best_top1: dict[str, float] = {}  # checkpoint name -> val top-1 (kept by prune, for `average`)
+        self._last_save = time.time()
+
+    def timed_due(self) -> bool:
+        """Whether train.checkpoint_every_minutes have passed since the last save (this process's clock:
+        the trainer all-reduces rank 0's answer so every rank agrees)."""
+        return time.time() - self._last_save >= 60 * self.every_minutes
+
+    def epoch_due(self, epochs_done: int) -> bool:
+        return epochs_done == self.epochs or epochs_done % self.every_epochs == 0
+
+    def save(self, state: dict, metrics: dict | None = None) -> Path | None:
+        """Every rank calls this with its state; rank 0 writes it. A NaN/inf anywhere a resumed run would read
+        it (weights and buffers of the model and of the EMA, optimizer state) raises NonFiniteState on every
+        rank and nothing is written."""
+        bad = non_finite_tensors({k: state[k] for k in ("model", "ema", "optimizer")})
+        if self.dist.distributed:  # BN buffers differ per rank: every rank refuses, or none does
+            count = torch.tensor([float(len(bad))], device=self.dist.device)
+            tdist.all_reduce(count)
+            if count.item() and not bad:
+                bad = ["tensors on another rank"]
+        if bad:
+            raise NonFiniteState(f"not finite at step {state['step']}: {', '.join(bad[:4])}"
+                                 f"{' ...' if len(bad) > 4 else ''}; refusing to write a checkpoint")
+        self._last_save = time.time()
+        if not self.dist.is_main:
+            return None
+        name = checkpoint_name(state["epoch"], state["step"])
+        if metrics and "val_top1" in metrics:
+            self.best_top1[name] = metrics["val_top1"]
+        path = self.dir / name
+        save_atomic({**state, "best_top1": self.best_top1, "metrics": metrics or {}}, path)
+        prune(self.dir, self.keep, self.best_top1)
+        return path
+
+    def find(self, how: str) -> tuple[Path, dict] | None:
+        """'auto': the newest checkpoint in the run's directory that loads (corrupt ones skipped with a
+        warning), None when there is none; else a path, which must load. Its best-of record is taken over."""
+        found = latest_loadable(self.dir) if how == "auto" else (Path(how), load(how))
+        if found is not None:
+            self.best_top1 = dict(found[1].get("best_top1", {}))
+        return found
 
 
 def average_checkpoints(run_dir: str | Path, best: int, metric: str = "val_top1") -> Path:

@@ -12,7 +12,8 @@ from dataprep.verify import verify
 from fastrsb.config import load_config
 from fastrsb.dist import init_distributed
 from fastrsb.export import record_launch
-from fastrsb.trainer import Trainer, train_throughput
+from fastrsb.metrics import train_throughput
+from fastrsb.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

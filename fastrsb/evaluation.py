@@ -1,5 +1,5 @@
-"""Evaluation on the val split, one stack for the trainer and `fastrsb eval`: the model its config
-describes, the val loader, the eval batch stage (normalize, no augmentation) and the AMP dtype."""
+"""Evaluation on the val split, one evaluator for the trainer and `fastrsb eval`: the val loader, the eval
+batch stage (normalize, no augmentation) and the AMP dtype; the model is the caller's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +19,7 @@ from fastrsb.precision import amp_dtype, autocast
 
 
 @dataclass
-class EvalStack:
-    model: torch.nn.Module  # the trainer trains this very module
+class Evaluator:
     loader: SplitLoader
     augment: BatchAugment
     amp: torch.dtype | None
@@ -28,10 +27,9 @@ class EvalStack:
     dist: DistInfo
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module | None = None) -> dict:
-        """Top-1/top-5 of `model` (default: the stack's) over the whole val split: each sample once across
-        ranks, counts summed on the device and read once at the end."""
-        model = self.model if model is None else model
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        """Top-1/top-5 of `model` over the whole val split: each sample once across ranks, counts summed on
+        the device and read once at the end."""
         model.eval()
         dev = self.dist.device
         hits = torch.zeros(2, device=dev, dtype=torch.float64)  # correct@1, correct@5
@@ -54,15 +52,13 @@ class EvalStack:
         return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "num_samples": int(n)}
 
 
-def build_eval_stack(cfg, dist: DistInfo) -> EvalStack:
-    """The val loader (data.val_res, data.crop_pct), the model cfg.model describes (for the dataset's
-    classes, on the run's device), the eval batch stage and the AMP dtype of train.amp."""
+def create_evaluator(cfg, dist: DistInfo) -> Evaluator:
+    """The val loader (data.val_res, data.crop_pct), the eval batch stage and the AMP dtype of train.amp."""
     loader = create_loader(cfg, "val", dist)
     amp = amp_dtype(cfg.train.amp, dist.device)
     augment = BatchAugment(cfg.augment, num_classes=loader.num_classes, label_smoothing=0.0, dtype=amp or torch.float32,
                            train=False, device=dist.device)
-    model = create_model(cfg.model, loader.num_classes, dist.device)
-    return EvalStack(model, loader, augment, amp, cfg.train.flip_tta, dist)
+    return Evaluator(loader, augment, amp, cfg.train.flip_tta, dist)
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, res: int | None = None, crop_pct: float | None = None,
@@ -79,6 +75,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, res: int | None = None, crop
                                              ("backend", backend), ("batch_size", batch_size)) if v is not None})
     values["train"]["device"] = device
     cfg = from_dict(values)
-    stack = build_eval_stack(cfg, init_distributed(device, "--device"))
-    stack.model.load_state_dict(weights)
-    return stack.evaluate()
+    dist = init_distributed(device, "--device")
+    evaluator = create_evaluator(cfg, dist)
+    model = create_model(cfg.model, evaluator.loader.num_classes, dist.device)
+    model.load_state_dict(weights)
+    return evaluator.evaluate(model)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastrsb.checkpoint import CheckpointError
+    from fastrsb.checkpoint import CheckpointError, NonFiniteState
     from fastrsb.config import ConfigError, load_config, to_dict
     from fastrsb.data import LoaderError
     from fastrsb.dist import init_distributed, shutdown
     from fastrsb.export import record_launch
-    from fastrsb.trainer import NonFiniteLoss, Trainer
+    from fastrsb.trainer import Trainer
 
     try:
         cfg = load_config(args.config, args.overrides, values={"data": {"path": args.data}} if args.data else None)
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
             print(f"[train] {args.out} already finished its {cfg.train.epochs} epochs; nothing to do")
         try:
             result = trainer.fit()
-        except NonFiniteLoss as e:
+        except NonFiniteState as e:
             print(f"fastrsb train: error: {e}", file=sys.stderr)
             return 3
         except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint being written, if any, was discarded

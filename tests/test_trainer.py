@@ -19,7 +19,7 @@ import torch
 from fastrsb.config import load_config
 from fastrsb.dist import DistInfo
 from fastrsb.precision import autocast
-from fastrsb.trainer import NonFiniteLoss
+from fastrsb.checkpoint import NonFiniteState
 
 pytestmark = pytest.mark.timeout(600)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -69,14 +69,14 @@ def test_mixed_precision_path_on_cpu(tmp_path, amp):
 def test_resume_after_the_epochs_last_step(tmp_path):
     """A checkpoint taken after an epoch's last batch resumes into the epoch's end, with the epoch's figures."""
     tr = _synthetic_trainer(tmp_path, "train.epochs=2")
-    first = tr.train_epoch(None)
+    tr.train_epoch()
     assert tr.batch_in_epoch == tr.steps_per_epoch == 3
     path = tr.save_checkpoint()
     again = _synthetic_trainer(tmp_path / "again", "train.epochs=2")
     again.resume(str(path))
-    assert again.train_epoch(None)["loss"] == first["loss"] and again.step == 3
-    again.epoch, again.batch_in_epoch = 0, again.steps_per_epoch  # fit goes on from the end of epoch 0
-    resumed = again.fit()
+    assert (again.epoch, again.batch_in_epoch, again.step) == (0, 3, 3)
+    assert again.train_epoch() == [] and again.totals.loss == tr.totals.loss  # the epoch's figures came back
+    resumed = again.fit()  # goes on from the end of epoch 0
     ref = _synthetic_trainer(tmp_path / "ref", "train.epochs=2")
     uninterrupted = ref.fit()
     assert again.step == ref.step == 6
@@ -93,21 +93,42 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_synthetic_backend_resumes_mid_epoch_bit_exact(tmp_path):
-    """The synthetic backend keys its images on the sample index: stopped after 2 of an epoch's 3 steps,
-    checkpointed and resumed, a run ends with the weights and figures of an uninterrupted one."""
+    """The synthetic backend keys its images on the sample index: stopped after 2 of the last epoch's 3 steps,
+    checkpointed and resumed, a run ends with the weights and figures of an uninterrupted one (the epoch's
+    loss included: the resumed part adds to the checkpointed sum)."""
     ref = _synthetic_trainer(tmp_path / "ref", "train.epochs=2")
     uninterrupted = ref.fit()
     first = _synthetic_trainer(tmp_path / "first", "train.epochs=2")
-    first.run_steps(2)
+    first.run_steps(first.steps_per_epoch + 2)
     path = first.save_checkpoint()
     again = _synthetic_trainer(tmp_path / "again", "train.epochs=2")
     again.resume(str(path))
-    assert (again.epoch, again.batch_in_epoch) == (0, 2)
+    assert (again.epoch, again.batch_in_epoch) == (1, 2)
     resumed = again.fit()
     for key in ("loss", "val_top1", "val_top5", "ema_val_top1", "ema_val_top5"):
         assert resumed[key] == uninterrupted[key], key
     _assert_same_weights(again.raw_model, ref.raw_model)
     _assert_same_weights(again.ema.module, ref.ema.module)
+
+
+def test_the_epochs_loss_does_not_depend_on_where_log_windows_close():
+    """A checkpoint, a stop or a resume closes a log window early; the epoch's loss (summed over windows) must not
+    change with it, or a resumed run reports another figure than an uninterrupted one. Here 1 + 2**-30 is exact
+    in a double sum of the float32 step losses and rounds to 1 in a float32 one."""
+    from fastrsb.metrics import EpochTotals, LogWindow
+
+    losses = torch.tensor([7.5, 1.0, 2.0 ** -30])  # float32, as the step returns them
+
+    def epoch_loss(windows: list[list[int]]) -> float:
+        totals = EpochTotals()
+        for steps in windows:
+            window = LogWindow(torch.device("cpu"))
+            for i in steps:
+                window.add(losses[i], 8, 0.0)
+            totals.add(window, float(window.loss), 1)
+        return totals.loss
+
+    assert epoch_loss([[0], [1, 2]]) == epoch_loss([[0], [1], [2]]) == epoch_loss([[0, 1, 2]])
 
 
 @pytest.mark.parametrize("where", ["ema weight", "bn buffer", "ema bn buffer", "optimizer momentum"])
@@ -131,9 +152,9 @@ def test_checkpoint_refuses_non_finite_state_beyond_the_weights(tmp_path, where)
             buf = tr.optimizer.state[tr.raw_model.fc.weight]["momentum_buffer"]
             buf[0, 0] = float("nan")
             idx = [p is tr.raw_model.fc.weight for g in tr.optimizer.param_groups for p in g["params"]].index(True)
-            name = f"optimizer.{idx}.momentum_buffer"
+            name = f"optimizer.state.{idx}.momentum_buffer"
     tr.step += 1  # another file name, so a written checkpoint would show
-    with pytest.raises(NonFiniteLoss, match=re.escape(name)):
+    with pytest.raises(NonFiniteState, match=re.escape(name)):
         tr.save_checkpoint()
     assert sorted(tr.ckpt_dir.iterdir()) == before
 
@@ -371,14 +392,16 @@ def test_eval_and_average_commands(small_dataset, ref_run, tmp_path):
                 torch.testing.assert_close(v, (scored[0][key][name] + scored[1][key][name]) / 2)
     # fastrsb eval of averaged.pt scores the mean weights (not one of the checkpoints it came from)
     from fastrsb.config import from_dict
-    from fastrsb.evaluation import build_eval_stack
+    from fastrsb.evaluation import create_evaluator
+    from fastrsb.model import create_model
 
     cfg = from_dict(scored[0]["config"])
     cfg.data.path = str(small_dataset)
-    stack = build_eval_stack(cfg, DistInfo())
-    stack.model.load_state_dict({k: (v + scored[1]["model"][k]) / 2 if v.is_floating_point() else v
-                                 for k, v in scored[0]["model"].items()})
-    expect = stack.evaluate()
+    evaluator = create_evaluator(cfg, DistInfo())
+    model = create_model(cfg.model, evaluator.loader.num_classes, torch.device("cpu"))
+    model.load_state_dict({k: (v + scored[1]["model"][k]) / 2 if v.is_floating_point() else v
+                           for k, v in scored[0]["model"].items()})
+    expect = evaluator.evaluate(model)
     assert evaluate_checkpoint(str(out / "averaged.pt"), str(small_dataset), device="cpu") == expect
     assert avg["num_classes"] == 3  # `fastrsb export` needs it
     r = subprocess.run([sys.executable, "-m", "fastrsb", "average", str(out), "--best", "3"], capture_output=True, text=True)

@@ -201,8 +201,7 @@ def _measure_steps(trainer, steps: int, repeats: int) -> tuple[list[float], list
     """One warm-up window, then `repeats` measured windows of `steps` train steps each, back to back out
     of one running loader (its pipeline stays full: refilling it is not billed as data stall); images/sec
     and data stall from the trainer's own log windows, one value per window."""
-    trainer.cfg.train.log_interval = steps
-    windows = [w for w in trainer.run_steps(steps * (repeats + 1)) if w.steps == steps][1:]
+    windows = [w for w in trainer.run_steps(steps * (repeats + 1), log_interval=steps) if w.steps == steps][1:]
     return [w.images_per_sec for w in windows], [w.data_stall for w in windows]
 
 
@@ -214,7 +213,7 @@ def bench_model(model: str, res: int, batch_size: int, channels_last: bool, amp:
                  f"model.compile={str(compile_).lower()}", f"train.amp={amp}", f"train.device={device}",
                  "data.backend=synthetic", f"data.batch_size={batch_size}", f"data.train_res={res}",
                  f"data.val_res={res}", f"data.synthetic_num_samples={batch_size * steps * (repeats + 1) * dist.world_size}",
-                 f"train.log_interval={steps}", "optim.name=sgd", "optim.lr=0.01", "schedule.warmup_epochs=0"]
+                 "optim.name=sgd", "optim.lr=0.01", "schedule.warmup_epochs=0"]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _trainer(None, overrides, dist, Path(tmp))
         ips, _ = _measure_steps(trainer, steps, repeats)
