@@ -1,13 +1,13 @@
 """`fastrsb convert`: a source tree -> FFCV .beton + DALI tar shards + manifest.
 
-Two passes per split:
- 1. Decode-check every candidate in a process pool; keep an eligible JPEG's own bytes
+Two passes per split (`_Converter._convert_split` lists them in order):
+ 1. `_write_shards`: decode-check every candidate in a process pool; keep an eligible JPEG's own bytes
     (dataprep.images: YCbCr, 8-bit, baseline, within max_resolution, decodes cleanly) or
     re-encode it as RGB JPEG (longer side <= max_resolution, given quality; always with
     --reencode), and write shards of `shard_size` candidates. Each
     finished shard gets a sidecar in OUT/.work/ (fingerprint of its inputs and settings),
     which is what makes a killed conversion resumable shard by shard.
- 2. FFCV: a DatasetWriter over the checked samples. In `jpg` mode it stores the very JPEG
+ 2. `_write_ffcv`: a DatasetWriter over the checked samples. In `jpg` mode it stores the very JPEG
     bytes of the shards (no second decode or lossy re-encode); raw/smart/proportion modes
     re-read the checked originals so raw pixels stay lossless.
 Then per split the listing (<split>.samples.tsv) and the stored images' sizes (<split>.sizes.npy,
@@ -48,7 +48,7 @@ from dataprep.layout import (
     shard_stem,
 )
 from dataprep.shards import ShardMember, write_shard
-from dataprep.sources import scan_source
+from dataprep.sources import Skipped, Source, scan_source
 
 FORMATS = ("ffcv", "dali")
 _SIDECAR_VERSION = 2  # 2: samples as named records (StoredSample); a sidecar of another version is redone
@@ -93,14 +93,14 @@ def _fingerprint(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _prepare_one(cand: int, path: str, max_res: int, quality: int, reencode: bool):
-    """(candidate, PreparedImage | reason str) for one source file."""
+def _prepare_one(candidate: int, path: str, max_res: int, quality: int, reencode: bool):
+    """(candidate, PreparedImage | Skipped) for one source file."""
     try:
-        return cand, prepare_image(path, max_res, quality, reencode)
+        return candidate, prepare_image(path, max_res, quality, reencode)
     except BadImage as e:
-        return cand, str(e)
+        return candidate, Skipped(path, str(e))
     except Exception as e:  # an unforeseen decoder failure must not stop the conversion
-        return cand, f"decoder error: {type(e).__name__}: {e}"
+        return candidate, Skipped(path, f"decoder error: {type(e).__name__}: {e}")
 
 
 def _prepare_chunk(tasks: list[tuple[int, str, int, int, bool]]):
@@ -115,11 +115,12 @@ def _prepare_isolated(task: tuple[int, str, int, int, bool]):
         try:
             return ex.submit(_prepare_one, *task).result()
         except BrokenProcessPool:
-            return task[0], "the decoder crashed its process on this file"
+            candidate, path = task[:2]
+            return candidate, Skipped(path, "the decoder crashed its process on this file")
 
 
 def _prepared_in_order(todo: list, workers: int, chunk: int = 8):
-    """Yield (candidate, result) for todo in order, on `workers` processes with a bounded window
+    """Yield (candidate, PreparedImage | Skipped) for todo in order, on `workers` processes with a bounded window
     in flight. If a worker process dies, the chunks that were in flight are redone one file at a
     time in isolation, so only the file that kills its decoder is lost (a multiprocessing.Pool
     would wait forever for the lost task)."""
@@ -160,21 +161,58 @@ class StoredSample:
 
 
 @dataclass(frozen=True)
+class _ShardPlan:
+    """A shard still to be checked or written: its inputs, and the fingerprint a finished shard must match."""
+
+    stem: str
+    start: int  # candidate number of its first input (a split's inputs are candidates 0, 1, ...)
+    inputs: list[tuple[Path, int]]  # (source file, label)
+    fingerprint: str
+
+    @property
+    def last(self) -> int:
+        return self.start + len(self.inputs) - 1
+
+    def candidates(self):
+        """(candidate, source file, label) of each input."""
+        return ((self.start + k, path, label) for k, (path, label) in enumerate(self.inputs))
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One file of a finished shard, as its sidecar records it."""
+
+    path: str  # relative to OUT
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, rel: str, data: bytes) -> ShardFile:
+        return cls(rel, len(data), hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True)
 class _Shard:
     """A finished shard: its files and its samples, the unit a resumed conversion re-uses."""
 
     fingerprint: str
-    tar: dict  # {"path" (relative to OUT), "size", "sha256"}
-    index: dict
+    tar: ShardFile
+    index: ShardFile
     samples: list[StoredSample]
-    skipped: list[dict]  # {"path", "reason"}
+    skipped: list[Skipped]
 
     def to_json(self) -> dict:
-        return asdict(self)  # the samples too: asdict recurses into dataclasses in lists
+        return asdict(self)  # the samples and skips too: asdict recurses into dataclasses in lists
 
     @classmethod
     def from_json(cls, d: dict) -> _Shard:
-        return cls(**{**d, "samples": [StoredSample(**e) for e in d["samples"]]})
+        return cls(d["fingerprint"], ShardFile(**d["tar"]), ShardFile(**d["index"]),
+                   [StoredSample(**e) for e in d["samples"]], [Skipped(**e) for e in d["skipped"]])
+
+
+def _samples_in_order(shards: list[_Shard]):
+    """A split's stored samples in dataset-index order."""
+    return (sample for shard in shards for sample in shard.samples)
 
 
 class _FfcvSamples:
@@ -189,15 +227,15 @@ class _FfcvSamples:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        tar, e = self.samples[i]
+        tar, sample = self.samples[i]
         if self.from_shards:
             fd = os.open(tar, os.O_RDONLY)
             try:
-                data = os.pread(fd, e.size, e.offset)
+                data = os.pread(fd, sample.size, sample.offset)
             finally:
                 os.close(fd)
-            return PreparedImage(data, e.height, e.width), e.label
-        return load_rgb(e.source), e.label
+            return PreparedImage(data, sample.height, sample.width), sample.label
+        return load_rgb(sample.source), sample.label
 
 
 def _encode_prepared(self, destination, image, malloc):
@@ -215,18 +253,18 @@ def _encode_prepared(self, destination, image, malloc):
     storage[:] = data
 
 
-def _write_beton(path: Path, samples: _FfcvSamples, s: Settings, workers: int) -> None:
+def _write_beton(path: Path, samples: _FfcvSamples, settings: Settings, workers: int) -> None:
     try:
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
     except ImportError as e:
         raise ConversionError(f"format 'ffcv' needs the ffcv package ({e}); install with pip install -e '.[ffcv]'") from e
     image = RGBImageField(
-        write_mode=s.write_mode,
-        max_resolution=s.max_resolution,
-        smart_threshold=s.smart_threshold,
-        jpeg_quality=s.jpeg_quality,
-        compress_probability=s.compress_probability,
+        write_mode=settings.write_mode,
+        max_resolution=settings.max_resolution,
+        smart_threshold=settings.smart_threshold,
+        jpeg_quality=settings.jpeg_quality,
+        compress_probability=settings.compress_probability,
     )
     if samples.from_shards:
         image.encode = types.MethodType(_encode_prepared, image)
@@ -235,136 +273,143 @@ def _write_beton(path: Path, samples: _FfcvSamples, s: Settings, workers: int) -
 
 
 class _Converter:
-    def __init__(self, src, out: Path, s: Settings, workers: int, progress: bool, log: Callable[[str], None]):
-        self.src, self.out, self.s, self.workers, self.progress, self.log = src, out, s, workers, progress, log
-        self.work = out / ".work"
-        self.shard_dir = out / "dali" if "dali" in s.formats else self.work / "staging"
-        self.files: dict[str, dict] = {}
-        self.skipped: list[dict] = []
+    """One conversion of a source tree into OUT; `run` lists its steps in order."""
 
-    def _record(self, rel: str, size: int, sha: str) -> None:
-        self.files[rel] = {"size": size, "sha256": sha}
+    def __init__(self, src, out: Path, settings: Settings, workers: int, progress: bool, log: Callable[[str], None]):
+        self.src, self.out, self.settings = src, out, settings
+        self.workers, self.progress, self.log = workers, progress, log
+        self.work = out / ".work"
+        self.shard_dir = out / "dali" if "dali" in settings.formats else self.work / "staging"
+        self.files: dict[str, dict] = {}  # the manifest's `files`: {path relative to OUT: {"size", "sha256"}}
+        self.skipped: list[Skipped] = []
+
+    def run(self, class_list=None, val_ground_truth=None, val_id_mapping=None, strict=False) -> dict:
+        """Scan the source, convert each split, account for the skipped inputs, then write the manifest."""
+        source = scan_source(self.src, class_list, val_ground_truth, val_id_mapping)
+        self._open_output()
+        self.skipped.extend(source.unusable)
+        started = time.time()
+        splits = {split: self._convert_split(split, inputs, len(source.classes))
+                  for split, inputs in source.splits.items()}
+        self._remove_staging()
+        self.skipped.sort(key=lambda skip: skip.path)  # the log and the manifest list them by file
+        self._log_summary(source, splits, time.time() - started)
+        if strict and self.skipped:
+            raise ConversionError(f"--strict: {len(self.skipped)} input(s) could not be converted (listed above); "
+                                  "no manifest written")
+        return self._write_manifest(source, splits)
+
+    def _open_output(self) -> None:
+        """Create OUT and drop its old manifest before touching anything: a dataset is complete only with one."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / MANIFEST).unlink(missing_ok=True)
+        self.work.mkdir(exist_ok=True)
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+
+    def _convert_split(self, split: str, inputs: list[tuple[Path, int]], num_classes: int) -> dict:
+        """Both passes over one split, then its listing and sizes; returns the split's manifest entry."""
+        shards = self._write_shards(split, inputs)
+        self._remove_stale_shards(split, len(shards))
+        self.skipped.extend(skip for shard in shards for skip in shard.skipped)
+        info = self._count_samples(split, shards, num_classes)
+        if "dali" in self.settings.formats:
+            info["dali_shards"] = self._record_dali_shards(shards)
+        if "ffcv" in self.settings.formats:
+            info["ffcv"] = self._write_ffcv(split, shards)
+        info["samples"] = self._write_listing(split, shards)
+        info["sizes"] = self._write_sizes(split, shards)
+        return info
+
+    def _write_shards(self, split: str, inputs: list[tuple[Path, int]]) -> list[_Shard]:
+        """Pass 1: decode-check every input and write the checked ones as tar shards, re-using each finished
+        shard whose sidecar still matches (what makes a killed conversion resumable shard by shard)."""
+        plans = self._plan_shards(split, inputs)
+        shards: list[_Shard | None] = [self._finished_shard(plan) for plan in plans]
+        waiting = deque(i for i, shard in enumerate(shards) if shard is None)
+        if len(waiting) < len(plans):
+            self.log(f"[convert] {split}: re-using {len(plans) - len(waiting)} finished shard(s) of {len(plans)}")
+        todo = [(candidate, str(path), self.settings.max_resolution, self.settings.jpeg_quality, self.settings.reencode)
+                for i in waiting for candidate, path, _ in plans[i].candidates()]
+        bar = tqdm(total=len(inputs), initial=len(inputs) - len(todo), unit="img", desc=f"convert {split}",
+                   disable=not self.progress, dynamic_ncols=True, smoothing=0.05)
+        results: dict[int, PreparedImage | Skipped] = {}
+        for candidate, result in _prepared_in_order(todo, self.workers):
+            results[candidate] = result
+            bar.update(1)
+            if candidate == plans[waiting[0]].last:  # results arrive in order: that shard is complete
+                i = waiting.popleft()
+                shards[i] = self._finish_shard(plans[i], results)
+        bar.close()
+        return shards  # type: ignore[return-value]
+
+    def _plan_shards(self, split: str, inputs: list[tuple[Path, int]]) -> list[_ShardPlan]:
+        """Cut a split's inputs into shards of shard_size, each fingerprinted by its inputs and the settings that
+        change its bytes: a finished shard is re-used only while nothing of that changed."""
+        plans = []
+        for j, start in enumerate(range(0, len(inputs), self.settings.shard_size)):
+            shard_inputs = inputs[start:start + self.settings.shard_size]
+            stats = []
+            for path, label in shard_inputs:
+                try:
+                    stat = path.stat()
+                    stats.append([str(path), label, stat.st_size, stat.st_mtime_ns])
+                except OSError:
+                    stats.append([str(path), label, -1, -1])
+            # "v": a conversion into an OUT of another format version redoes every shard (and so the beton), it
+            # never mixes the two (tests/test_convert.py::test_a_format_1_dataset_is_refused_and_rebuilt_in_place)
+            fingerprint = _fingerprint({"v": FORMAT_VERSION, "sidecar": _SIDECAR_VERSION,
+                                        "max_res": self.settings.max_resolution, "q": self.settings.jpeg_quality,
+                                        "as_is": not self.settings.reencode, "start": start, "inputs": stats})
+            plans.append(_ShardPlan(shard_stem(split, j), start, shard_inputs, fingerprint))
+        return plans
 
     def _sidecar(self, stem: str) -> Path:
         return self.work / f"{stem}.json"
 
-    def _reusable(self, stem: str, fp: str) -> _Shard | None:
+    def _finished_shard(self, plan: _ShardPlan) -> _Shard | None:
+        """The shard a previous run finished for this plan, if its sidecar matches and its files are whole."""
         try:
-            side = json.loads(self._sidecar(stem).read_text())
-            if side.get("fingerprint") != fp:
+            sidecar = json.loads(self._sidecar(plan.stem).read_text())
+            if sidecar.get("fingerprint") != plan.fingerprint:
                 return None
-            shard = _Shard.from_json(side)
+            shard = _Shard.from_json(sidecar)
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None
         for f in (shard.tar, shard.index):
-            p = self.out / f["path"]
-            if not p.is_file() or p.stat().st_size != f["size"]:
+            p = self.out / f.path
+            if not p.is_file() or p.stat().st_size != f.size:
                 return None
         return shard
 
-    def _plan(self, split: str, samples: list[tuple[Path, int]]) -> list[dict]:
-        plan = []
-        for j, start in enumerate(range(0, len(samples), self.s.shard_size)):
-            chunk = samples[start:start + self.s.shard_size]
-            inputs = []
-            for p, label in chunk:
-                try:
-                    st = p.stat()
-                    inputs.append([str(p), label, st.st_size, st.st_mtime_ns])
-                except OSError:
-                    inputs.append([str(p), label, -1, -1])
-            # "v": a conversion into an OUT of another format version redoes every shard (and so the beton), it
-            # never mixes the two (tests/test_convert.py::test_a_format_1_dataset_is_refused_and_rebuilt_in_place)
-            fp = _fingerprint({"v": FORMAT_VERSION, "sidecar": _SIDECAR_VERSION, "max_res": self.s.max_resolution,
-                               "q": self.s.jpeg_quality, "as_is": not self.s.reencode, "start": start, "inputs": inputs})
-            plan.append({"stem": shard_stem(split, j), "start": start, "chunk": chunk, "fingerprint": fp})
-        return plan
-
-    def _finish_shard(self, shard: dict, results: dict[int, object]) -> _Shard:
+    def _finish_shard(self, plan: _ShardPlan, results: dict[int, PreparedImage | Skipped]) -> _Shard:
+        """Write a shard's tar and index from its inputs' results, then its sidecar (last: it marks the shard done)."""
         members, samples, skipped = [], [], []
-        tar_rel = os.path.relpath(self.shard_dir / f"{shard['stem']}.tar", self.out)
-        idx_rel = os.path.relpath(self.shard_dir / f"{shard['stem']}.idx", self.out)
-        for k, (path, label) in enumerate(shard["chunk"]):
-            cand = shard["start"] + k
-            r = results.pop(cand)
-            if isinstance(r, str):
-                skipped.append({"path": str(path), "reason": r})
-                continue
-            key = f"{cand:09d}"
-            members.append(ShardMember(key, r.jpeg, label))
-            samples.append(StoredSample(key, str(path), label, r.height, r.width, r.reencode_reason))
+        tar_rel = os.path.relpath(self.shard_dir / f"{plan.stem}.tar", self.out)
+        idx_rel = os.path.relpath(self.shard_dir / f"{plan.stem}.idx", self.out)
+        for candidate, path, label in plan.candidates():
+            match results.pop(candidate):
+                case Skipped() as skip:
+                    skipped.append(skip)
+                case PreparedImage() as image:
+                    key = f"{candidate:09d}"
+                    members.append(ShardMember(key, image.jpeg, label))
+                    samples.append(StoredSample(key, str(path), label, image.height, image.width,
+                                                image.reencode_reason))
         tar_bytes, idx_bytes = write_shard(self.out / tar_rel, self.out / idx_rel, members)
         offsets = read_wds_index(self.out / idx_rel)
-        done = _Shard(
-            fingerprint=shard["fingerprint"],
-            tar={"path": tar_rel, "size": len(tar_bytes), "sha256": hashlib.sha256(tar_bytes).hexdigest()},
-            index={"path": idx_rel, "size": len(idx_bytes), "sha256": hashlib.sha256(idx_bytes).hexdigest()},
-            samples=[replace(e, offset=comp["jpg"][0], size=comp["jpg"][1]) for e, comp in zip(samples, offsets)],
+        shard = _Shard(
+            fingerprint=plan.fingerprint,
+            tar=ShardFile.of(tar_rel, tar_bytes),
+            index=ShardFile.of(idx_rel, idx_bytes),
+            samples=[replace(sample, offset=comp["jpg"][0], size=comp["jpg"][1])
+                     for sample, comp in zip(samples, offsets)],
             skipped=skipped,
         )
-        atomic_write_json(self._sidecar(shard["stem"]), done.to_json())
-        return done
-
-    def _pass1(self, split: str, samples: list[tuple[Path, int]]) -> list[_Shard]:
-        plan = self._plan(split, samples)
-        sides: list[_Shard | None] = [self._reusable(sh["stem"], sh["fingerprint"]) for sh in plan]
-        pending = [sh for sh, side in zip(plan, sides) if side is None]
-        reused = len(plan) - len(pending)
-        todo = [(sh["start"] + k, str(p), self.s.max_resolution, self.s.jpeg_quality, self.s.reencode)
-                for sh in pending for k, (p, _) in enumerate(sh["chunk"])]
-        if reused:
-            self.log(f"[convert] {split}: re-using {reused} finished shard(s) of {len(plan)}")
-        bar = tqdm(total=len(samples), initial=len(samples) - len(todo), unit="img", desc=f"convert {split}",
-                   disable=not self.progress, dynamic_ncols=True, smoothing=0.05)
-        results: dict[int, object] = {}
-        by_stem = {sh["stem"]: i for i, sh in enumerate(plan)}
-        queue = list(pending)
-        for cand, r in _prepared_in_order(todo, self.workers):
-            results[cand] = r
-            bar.update(1)
-            head = queue[0]
-            if cand == head["start"] + len(head["chunk"]) - 1:  # results arrive in order: shard complete
-                sides[by_stem[head["stem"]]] = self._finish_shard(head, results)
-                queue.pop(0)
-        bar.close()
-        return sides  # type: ignore[return-value]
-
-    def _pass_ffcv(self, split: str, sides: list[_Shard]) -> str:
-        beton = self.out / f"{split}.beton"
-        rel = beton.name
-        fp = _fingerprint({"shards": [sd.fingerprint for sd in sides], **asdict(self.s), "formats": None})
-        side_path = self.work / f"{split}.beton.json"
-        try:
-            side = json.loads(side_path.read_text())
-            if side["fingerprint"] == fp and beton.is_file() and beton.stat().st_size == side["size"]:
-                self.log(f"[convert] {split}: re-using finished {rel}")
-                self._record(rel, side["size"], side["sha256"])
-                return rel
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
-        stored = [(self.out / sd.tar["path"], e) for sd in sides for e in sd.samples]
-        self.log(f"[convert] {split}: writing {rel} ({len(stored)} samples, write mode {self.s.write_mode})")
-        t0 = time.time()
-        _write_beton(beton, _FfcvSamples(stored, from_shards=self.s.write_mode == "jpg"), self.s, self.workers)
-        size, sha = beton.stat().st_size, sha256_file(beton)
-        atomic_write_json(side_path, {"fingerprint": fp, "size": size, "sha256": sha})
-        self._record(rel, size, sha)
-        self.log(f"[convert] {split}: {rel} done in {time.time() - t0:.1f}s")
-        return rel
-
-    def _write_sizes(self, split: str, sides: list[_Shard]) -> str:
-        """OUT/<split>.sizes.npy: int32 (num_samples, 2), the stored JPEG's (height, width) per dataset index
-        (dataprep.layout.SplitInfo.image_sizes reads it)."""
-        rel = f"{split}.sizes.npy"
-        sizes = np.array([(e.height, e.width) for sd in sides for e in sd.samples], dtype="<i4").reshape(-1, 2)
-        buf = io.BytesIO()
-        np.save(buf, sizes, allow_pickle=False)
-        data = buf.getvalue()
-        atomic_write_bytes(self.out / rel, data)
-        self._record(rel, len(data), hashlib.sha256(data).hexdigest())
-        return rel
+        atomic_write_json(self._sidecar(plan.stem), shard.to_json())
+        return shard
 
     def _remove_stale_shards(self, split: str, count: int) -> None:
+        """Delete shard files numbered count and up: left by an earlier run over more inputs."""
         for p in self.shard_dir.glob(f"{split}-*"):
             stem = p.name.split(".")[0]
             try:
@@ -374,72 +419,107 @@ class _Converter:
             if j >= count:
                 p.unlink()
 
-    def run(self, class_list=None, val_ground_truth=None, val_id_mapping=None, strict=False) -> dict:
-        source = scan_source(self.src, class_list, val_ground_truth, val_id_mapping)
-        self.out.mkdir(parents=True, exist_ok=True)
-        # A dataset is complete only with its manifest: drop the old one before touching anything.
-        (self.out / MANIFEST).unlink(missing_ok=True)
-        self.work.mkdir(exist_ok=True)
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        self.skipped.extend(source.unusable)
-        splits = {}
+    def _count_samples(self, split: str, shards: list[_Shard], num_classes: int) -> dict:
+        """The split's counts for the manifest (per class; stored as is or re-encoded, and why); a split with no
+        sample left is an error, not an empty dataset."""
+        per_class = [0] * num_classes
+        reasons: dict[str, int] = {}
+        for sample in _samples_in_order(shards):
+            per_class[sample.label] += 1
+            if sample.reencode_reason:
+                reasons[sample.reencode_reason] = reasons.get(sample.reencode_reason, 0) + 1
+        num = sum(per_class)
+        if num == 0:
+            raise ConversionError(f"split '{split}': every input was skipped; nothing to write")
+        reencoded = sum(reasons.values())
+        return {"num_samples": num, "per_class": per_class, "stored_as_is": num - reencoded,
+                "reencoded": reencoded, "reencode_reasons": dict(sorted(reasons.items()))}
+
+    def _record_dali_shards(self, shards: list[_Shard]) -> list[dict]:
+        """The split's `dali_shards` entry; its tars and indexes join the manifest's files (with dali they are
+        output, not staging)."""
+        for shard in shards:
+            for f in (shard.tar, shard.index):
+                self._record_file(f.path, f.size, f.sha256)
+        return [{"tar": shard.tar.path, "index": shard.index.path, "num_samples": len(shard.samples)}
+                for shard in shards]
+
+    def _write_ffcv(self, split: str, shards: list[_Shard]) -> str:
+        """Pass 2: OUT/<split>.beton over the checked samples, unless its sidecar shows one finished from the same
+        shards and settings (ffcv's writer is the slow part of a resumed run)."""
+        beton = self.out / f"{split}.beton"
+        rel = beton.name
+        fingerprint = _fingerprint({"shards": [shard.fingerprint for shard in shards], **asdict(self.settings),
+                                    "formats": None})
+        sidecar_path = self.work / f"{split}.beton.json"
+        try:
+            sidecar = json.loads(sidecar_path.read_text())
+            if sidecar["fingerprint"] == fingerprint and beton.is_file() and beton.stat().st_size == sidecar["size"]:
+                self.log(f"[convert] {split}: re-using finished {rel}")
+                self._record_file(rel, sidecar["size"], sidecar["sha256"])
+                return rel
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        stored = [(self.out / shard.tar.path, sample) for shard in shards for sample in shard.samples]
+        self.log(f"[convert] {split}: writing {rel} ({len(stored)} samples, write mode {self.settings.write_mode})")
         t0 = time.time()
-        total_in = 0
-        for split, samples in source.splits.items():
-            total_in += len(samples)
-            sides = self._pass1(split, samples)
-            self._remove_stale_shards(split, len(sides))
-            per_class = [0] * len(source.classes)
-            reencoded: dict[str, int] = {}
-            rows = ["index\tkey\tlabel\tsource"]
-            for sd in sides:
-                self.skipped.extend(sd.skipped)
-                for e in sd.samples:
-                    per_class[e.label] += 1
-                    rows.append(f"{len(rows) - 1}\t{e.key}\t{e.label}\t{e.source}")
-                    if e.reencode_reason:
-                        reencoded[e.reencode_reason] = reencoded.get(e.reencode_reason, 0) + 1
-            num = sum(per_class)
-            if num == 0:
-                raise ConversionError(f"split '{split}': every input was skipped; nothing to write")
-            info: dict = {"num_samples": num, "per_class": per_class, "stored_as_is": num - sum(reencoded.values()),
-                          "reencoded": sum(reencoded.values()), "reencode_reasons": dict(sorted(reencoded.items()))}
-            if "dali" in self.s.formats:
-                info["dali_shards"] = [{"tar": sd.tar["path"], "index": sd.index["path"],
-                                        "num_samples": len(sd.samples)} for sd in sides]
-                for sd in sides:
-                    for f in (sd.tar, sd.index):
-                        self._record(f["path"], f["size"], f["sha256"])
-            if "ffcv" in self.s.formats:
-                info["ffcv"] = self._pass_ffcv(split, sides)
-            listing = f"{split}.samples.tsv"
-            data = ("\n".join(rows) + "\n").encode()
-            atomic_write_bytes(self.out / listing, data)
-            self._record(listing, len(data), hashlib.sha256(data).hexdigest())
-            info["samples"] = listing
-            info["sizes"] = self._write_sizes(split, sides)
-            splits[split] = info
-        if "dali" not in self.s.formats:
+        _write_beton(beton, _FfcvSamples(stored, from_shards=self.settings.write_mode == "jpg"), self.settings,
+                     self.workers)
+        size, sha = beton.stat().st_size, sha256_file(beton)
+        atomic_write_json(sidecar_path, {"fingerprint": fingerprint, "size": size, "sha256": sha})
+        self._record_file(rel, size, sha)
+        self.log(f"[convert] {split}: {rel} done in {time.time() - t0:.1f}s")
+        return rel
+
+    def _write_listing(self, split: str, shards: list[_Shard]) -> str:
+        """OUT/<split>.samples.tsv: the key, label and source file of each dataset index."""
+        rows = ["index\tkey\tlabel\tsource"]
+        rows += (f"{i}\t{sample.key}\t{sample.label}\t{sample.source}"
+                 for i, sample in enumerate(_samples_in_order(shards)))
+        return self._write_recorded(f"{split}.samples.tsv", ("\n".join(rows) + "\n").encode())
+
+    def _write_sizes(self, split: str, shards: list[_Shard]) -> str:
+        """OUT/<split>.sizes.npy: int32 (num_samples, 2), the stored JPEG's (height, width) per dataset index
+        (dataprep.layout.SplitInfo.image_sizes reads it)."""
+        sizes = np.array([(sample.height, sample.width) for sample in _samples_in_order(shards)], dtype="<i4")
+        sizes = sizes.reshape(-1, 2)
+        buf = io.BytesIO()
+        np.save(buf, sizes, allow_pickle=False)
+        return self._write_recorded(f"{split}.sizes.npy", buf.getvalue())
+
+    def _write_recorded(self, rel: str, data: bytes) -> str:
+        atomic_write_bytes(self.out / rel, data)
+        self._record_file(rel, len(data), hashlib.sha256(data).hexdigest())
+        return rel
+
+    def _record_file(self, rel: str, size: int, sha: str) -> None:
+        self.files[rel] = {"size": size, "sha256": sha}
+
+    def _remove_staging(self) -> None:
+        """Without the dali format the shards were only the beton's staging: remove them."""
+        if "dali" not in self.settings.formats:
             shutil.rmtree(self.shard_dir, ignore_errors=True)
-        self.skipped.sort(key=lambda d: d["path"])
-        elapsed = time.time() - t0
+
+    def _log_summary(self, source: Source, splits: dict, seconds: float) -> None:
+        """What was written, and every skipped input with its reason."""
+        num_inputs = sum(len(inputs) for inputs in source.splits.values()) + len(source.unusable)
         summary = ", ".join(f"{k}: {v['num_samples']} ({v['stored_as_is']} stored as is, {v['reencoded']} re-encoded)"
                             for k, v in splits.items())
-        self.log(f"[convert] wrote {summary} samples; skipped {len(self.skipped)} of {total_in + len(source.unusable)} "
-                 f"inputs in {elapsed:.1f}s")
-        for sk in self.skipped:
-            self.log(f"[convert]   skipped {sk['path']}: {sk['reason']}")
-        if strict and self.skipped:
-            raise ConversionError(f"--strict: {len(self.skipped)} input(s) could not be converted (listed above); "
-                                  "no manifest written")
+        self.log(f"[convert] wrote {summary} samples; skipped {len(self.skipped)} of {num_inputs} "
+                 f"inputs in {seconds:.1f}s")
+        for skip in self.skipped:
+            self.log(f"[convert]   skipped {skip.path}: {skip.reason}")
+
+    def _write_manifest(self, source: Source, splits: dict) -> dict:
+        """OUT/manifest.json, last and atomically: the file that makes OUT a complete dataset."""
         manifest = {
             "format_version": FORMAT_VERSION,
             "classes": source.classes,
             "splits": splits,
-            "settings": {**asdict(self.s), "formats": list(self.s.formats)},
+            "settings": {**asdict(self.settings), "formats": list(self.settings.formats)},
             "source": str(Path(self.src).resolve()),
             "files": self.files,
-            "skipped": self.skipped,
+            "skipped": [asdict(skip) for skip in self.skipped],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tool": {"fastrsb": _version(), "python": sys.version.split()[0]},
         }
@@ -462,9 +542,9 @@ def convert(src, out, settings: Settings = Settings(), *, workers: int | None = 
     """Convert the tree at src into OUT (what `fastrsb convert` runs); returns the manifest. settings is
     what the output depends on (its fingerprint decides which finished shards a re-run re-uses); the rest
     is how to run. Sources: dataprep.sources.scan_source (class_list, val_ground_truth, val_id_mapping)."""
-    s = settings
-    s.validate()
+    settings.validate()
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ConversionError(f"--workers must be >= 1, got {workers}")
-    return _Converter(src, Path(out), s, workers, progress, log).run(class_list, val_ground_truth, val_id_mapping, strict)
+    converter = _Converter(src, Path(out), settings, workers, progress, log)
+    return converter.run(class_list, val_ground_truth, val_id_mapping, strict)

@@ -21,13 +21,21 @@ class SourceError(ValueError):
     """The source tree or a label file cannot be understood."""
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """An input that is not in the dataset, and why: the manifest's `skipped` and a shard sidecar's list it."""
+
+    path: str  # the source file
+    reason: str
+
+
 @dataclass
 class Source:
     classes: list[str]
     # split -> [(absolute path, label)], ordered by (label, path): the canonical sample order
     splits: dict[str, list[tuple[Path, int]]]
-    # files that are not candidates at all (e.g. unlabeled flat val files), with a reason
-    unusable: list[dict] = field(default_factory=list)
+    # files that are not candidates at all (e.g. unlabeled flat val files)
+    unusable: list[Skipped] = field(default_factory=list)
 
 
 def _is_hidden(name: str) -> bool:
@@ -121,7 +129,7 @@ def _flat_val(val_dir: Path, root: Path, classes: list[str], gt_file: Path | Non
     for p in files:
         wnid = by_name.get(key(p))
         if wnid is None:
-            unusable.append({"path": str(p), "reason": "no ground-truth label for this file"})
+            unusable.append(Skipped(str(p), "no ground-truth label for this file"))
         elif wnid not in index:
             raise SourceError(f"ground truth gives {p.name} class '{wnid}', which is not among train's classes")
         else:
@@ -143,7 +151,7 @@ def scan_source(src: str | Path, class_list: str | Path | None = None, val_groun
     if not classes:
         raise SourceError(f"{train_dir}: no class folders found (expected <class>/<image> folders)")
     splits = {"train": _folder_split(train_dir, classes)}
-    unusable: list[dict] = []
+    unusable: list[Skipped] = []
     val_dir = root / "val"
     if has_splits and val_dir.is_dir():
         if _class_dirs(val_dir):

@@ -256,6 +256,7 @@ def test_flat_val_loc_solution_and_devkit(tmp_path):
         for i, wnid in enumerate(val_labels):
             colour = CLASS_COLOURS["dog" if wnid == "n002" else "cat"]
             save_jpeg(textured(50, 40, colour, i), src / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+        save_jpeg(textured(50, 40, CLASS_COLOURS["cat"], 9), src / "val" / "stray.JPEG")  # in no label file
         if layout == "loc":
             rows = "".join(f"ILSVRC2012_val_{i + 1:08d},{w} 1 2 3 4\n" for i, w in enumerate(val_labels))
             (src / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + rows)
@@ -266,6 +267,7 @@ def test_flat_val_loc_solution_and_devkit(tmp_path):
         m = convert(src, tmp_path / f"out_{layout}", Settings(formats=("dali",)), workers=1, progress=False, log=lambda s: None)
         assert m["classes"] == ["n001", "n002"]
         assert m["splits"]["val"]["per_class"] == [1, 2], layout
+        assert m["skipped"] == [{"path": str(src / "val" / "stray.JPEG"), "reason": "no ground-truth label for this file"}]
 
 
 def test_flat_val_without_ground_truth_is_a_clear_error(tmp_path):
