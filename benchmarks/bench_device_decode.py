@@ -51,20 +51,20 @@ def main(argv=None) -> int:
     cuda = dist.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times: dict[str, list[float]] = {"read": [], "crop_program": [], "decode": [], "resize": [], "resize_dispatch": []}
-    ops = []
+    ops, jpeg_bytes = [], []
     n = min(args.batches + 1, len(plan.indices) // args.batch_size)
     for b in range(n):
         sel = slice(b * args.batch_size, (b + 1) * args.batch_size)
         idx = plan.indices[sel]
         sync()
         t0 = time.perf_counter()
-        data = [torch.frombuffer(bytearray(loader.shards.read(int(i))), dtype=torch.uint8) for i in idx]
+        jpeg_bytes.append(sum(len(loader.shards.read(int(i))) for i in idx) / len(idx))
         t1 = time.perf_counter()
         sizes = loader.shards.sizes[idx]
         boxes, flips = crop_boxes(sizes, plan.keys[sel], cfg.data.scale, cfg.data.ratio)
-        params = loader._to_device(resize_params(sizes, boxes, flips, args.res, cfg.data.crop_pct))
+        params = loader.to_device(resize_params(sizes, boxes, flips, args.res, cfg.data.crop_pct))
         t2 = time.perf_counter()
-        images = loader._decode(idx)
+        images = loader.decode(idx)
         t3 = time.perf_counter()
         counter = _CountOps()
         with counter:
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
             times[k].append(v)
         ops.append(counter.ops)
     row = {"device": str(dist.device), "batch_size": args.batch_size, "res": args.res, "batches": len(ops),
+           "mean_jpeg_kb": round(float(np.mean(jpeg_bytes)) / 1024, 1),
            "resize_aten_ops_per_batch": int(np.median(ops)),
            **{f"host_ms_{k}": summarize([1e3 * x for x in v]) for k, v in times.items()}}
     if cuda:  # syncs of a whole loader epoch: what decode_jpeg and the loader force

@@ -158,6 +158,20 @@ SECTIONS: dict[str, type] = {
 }
 
 
+# the data.* key that chooses each backend's decoder (BACKEND:DECODE in `fastrsb bench` and the tests)
+DECODER_KEY = {"ffcv": "ffcv_decoder", "dali": "dali_decode", "torch": "torch_decode"}
+
+
+def parse_backend_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'BACKEND[:DECODE]' -> (backend, {data key: DECODE}), e.g. 'torch:device' -> ('torch', {'torch_decode': 'device'})."""
+    backend, _, decode = spec.partition(":")
+    if not decode:
+        return backend, {}
+    if backend not in DECODER_KEY:
+        raise ValueError(f"{spec!r}: only {', '.join(f'{b}:DECODE' for b in DECODER_KEY)} name a decoder")
+    return backend, {DECODER_KEY[backend]: decode}
+
+
 def allowed(section: type, key: str) -> tuple:
     """The values a Literal config key allows, e.g. allowed(DataConfig, "backend")."""
     return typing.get_args(typing.get_type_hints(section)[key])

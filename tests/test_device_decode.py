@@ -121,14 +121,14 @@ def _decoded_batch(data, n=8, res=32):
     idx = plan.indices[:n]
     sizes = loader.shards.sizes[idx]
     boxes, flips = crop_boxes(sizes, plan.keys[:n], loader.cfg.scale, loader.cfg.ratio)
-    return loader._decode(idx), torch.from_numpy(resize_params(sizes, boxes, flips, res, loader.cfg.crop_pct))
+    return loader.decode(idx), torch.from_numpy(resize_params(sizes, boxes, flips, res, loader.cfg.crop_pct))
 
 
 def test_the_device_resize_never_waits_on_the_host(small_dataset):
     """The batch's work once its images are on the device (padding copies, tap matrices, the two matmuls, the
     contract's layout) with DeviceTensors standing in for device memory: no read-back, no data-dependent shape,
     no host tensor, no copy from the host. Each batch's host->device traffic is the two pinned non_blocking copies
-    of _to_device (resize parameters, labels); torchvision's decode_jpeg returns its images' shapes as host
+    of to_device (resize parameters, labels); torchvision's decode_jpeg returns its images' shapes as host
     metadata, so the shape check after it reads nothing back either."""
     from fastrsb.data.device_resize import resize_batch
     from fastrsb.data.staging import nhwc_to_batch

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from fastrsb.config import parse_backend_spec
 from fastrsb.data import create_loader
 from fastrsb.dist import DistInfo
 from tests.datagen import sample_ids
@@ -42,9 +43,8 @@ def guarded(what: str, fn):
 
 
 def loader_for(data, spec: str, split: str = "train"):
-    backend, _, decoder = spec.partition(":")
-    knob = "torch_decode" if backend == "torch" else "ffcv_decoder"
-    return create_loader(make_cfg(data, backend, **({knob: decoder} if decoder else {})), split, DistInfo())
+    backend, decoder = parse_backend_spec(spec)
+    return create_loader(make_cfg(data, backend, **decoder), split, DistInfo())
 
 
 def abandon(loader, epoch: int, taken: int) -> None:

@@ -57,6 +57,22 @@ def test_settings_that_do_not_go_together_fail_at_load(overrides, expect):
         load_config(None, overrides)
 
 
+def test_backend_specs_name_each_backends_decoder_key():
+    """BACKEND[:DECODE] (fastrsb bench --backends, the tests) sets the data.* key of that backend's decoder; the
+    table names real keys, and a decoder for a backend that has none is an error naming the spec."""
+    from fastrsb.config import DECODER_KEY, DataConfig, allowed, parse_backend_spec
+
+    assert parse_backend_spec("torch:device") == ("torch", {"torch_decode": "device"})
+    assert parse_backend_spec("synthetic") == ("synthetic", {})
+    for backend, key in DECODER_KEY.items():
+        value = allowed(DataConfig, key)[-1]
+        name, decoder = parse_backend_spec(f"{backend}:{value}")
+        cfg = load_config(None, [f"data.backend={name}", *(f"data.{k}={v}" for k, v in decoder.items())])
+        assert (cfg.data.backend, getattr(cfg.data, key)) == (backend, value)
+    with pytest.raises(ValueError, match="'synthetic:fast': only ffcv:DECODE, dali:DECODE, torch:DECODE"):
+        parse_backend_spec("synthetic:fast")
+
+
 # ------------------------------------------------------------------ schedules
 def test_cosine_schedule_values():
     cfg = load_config(None, ["schedule.warmup_epochs=5", "schedule.min_lr=1e-6", "schedule.warmup_start=0.0",

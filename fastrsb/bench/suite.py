@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fastrsb.bench.report import paired_ratio, summarize
-from fastrsb.config import load_config
+from fastrsb.config import DECODER_KEY, load_config, parse_backend_spec
 from fastrsb.data.base import default_workers
 from fastrsb.dist import DistInfo, init_distributed
 
@@ -145,11 +145,11 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
 
     factories, loaders = [], {}
     for backend in backends:  # BACKEND[:DECODE]: torch:device is data.torch_decode=device, ffcv:ffcv ffcv's decoders
-        name, _, decode = backend.partition(":")
-        knob = {"torch": "torch_decode", "ffcv": "ffcv_decoder"}.get(name)
-        if decode and knob is None:
-            raise ValueError(f"--backends {backend}: only torch:DECODE and ffcv:DECODER name a decoder")
-        cfg = _loader_cfg(data, name, batch_size, res, workers, [f"data.{knob}={decode}"] if decode else [])
+        try:
+            name, decoder = parse_backend_spec(backend)
+        except ValueError as e:
+            raise ValueError(f"--backends {e}") from None
+        cfg = _loader_cfg(data, name, batch_size, res, workers, [f"data.{k}={v}" for k, v in decoder.items()])
         loader = loaders[backend] = create_loader(cfg, "train", dist)
 
         def epoch(i, loader=loader):
@@ -243,8 +243,7 @@ def bench_e2e(config: str, data: str, backend: str, steps: int, repeats: int, ov
             raise ValueError(f"an epoch has {trainer.steps_per_epoch} steps: too few for --repeats {repeats} "
                              "windows after a warm-up one (lower --repeats or data.batch_size)")
         ips, stall = _measure_steps(trainer, steps, repeats)
-        decode = {"torch": trainer.cfg.data.torch_decode, "dali": trainer.cfg.data.dali_decode,
-                  "ffcv": trainer.cfg.data.ffcv_decoder}.get(backend)
+        decode = getattr(trainer.cfg.data, DECODER_KEY[backend]) if backend in DECODER_KEY else None
     if not dist.is_main:  # rank 0 logs the global figures
         return {}
     s = _summary(ips)

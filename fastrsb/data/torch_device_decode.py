@@ -54,8 +54,8 @@ class TorchDeviceLoader(SplitLoader):
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.decode_stats = DeviceDecodeStats()
 
-    # ---- pure per-batch steps, run by the reader thread
-    def _decode(self, indices: np.ndarray) -> list[torch.Tensor]:
+    # ---- the per-batch steps, run by the reader thread (public: benchmarks/bench_device_decode.py times each)
+    def decode(self, indices: np.ndarray) -> list[torch.Tensor]:
         """(3, h, w) uint8 RGB on the device per sample; a batch the device decoder refuses is decoded one by one,
         and what it still refuses is decoded on the host and copied over."""
         data = [torch.frombuffer(bytearray(self.shards.read(int(i))), dtype=torch.uint8) for i in indices]
@@ -78,7 +78,7 @@ class TorchDeviceLoader(SplitLoader):
             self.decode_stats.fallbacks += 1
             return decode_jpeg(data, mode=ImageReadMode.RGB).to(self.device, non_blocking=False)
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
@@ -88,9 +88,9 @@ class TorchDeviceLoader(SplitLoader):
         boxes = flips = None
         if self.train:
             boxes, flips = crop_boxes(sizes, plan.keys[sel], self.cfg.scale, self.cfg.ratio)
-        params = self._to_device(resize_params(sizes, boxes, flips, res, self.cfg.crop_pct))
-        images = resize_batch(self._decode(indices), params, res, self.cfg.interpolation, self.matmul_dtype)
-        return images, self._to_device(self.shards.labels[indices].astype(np.int64))
+        params = self.to_device(resize_params(sizes, boxes, flips, res, self.cfg.crop_pct))
+        images = resize_batch(self.decode(indices), params, res, self.cfg.interpolation, self.matmul_dtype)
+        return images, self.to_device(self.shards.labels[indices].astype(np.int64))
 
     def _read_ahead(self, plan: EpochPlan, res: int, ready: queue.Queue, stop: threading.Event) -> None:
         """The reader thread: every batch of the epoch into `ready` (at most `prefetch` ahead), then _END; an error
