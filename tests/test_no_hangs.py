@@ -126,3 +126,61 @@ def test_ffcv_quasi_random_order_runs_a_train_epoch(coded_dataset):
     loader.set_epoch(0)
     images = guarded("ffcv quasi-random: a train epoch", lambda: [b.images.clone() for b in loader])
     assert len(images) == len(loader) and all(x.shape[0] == loader.batch_size for x in images)
+
+
+# the injected error ends ffcv's worker thread, as a real one would: pytest's report of that thread is expected
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_error_in_ffcvs_worker_thread_raises_instead_of_hanging(coded_dataset, monkeypatch):
+    """A pipeline stage that raises in ffcv's worker thread ends the thread (ffcv prints the error); the batch
+    that never comes is an error in the training process, not a wait for good."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    loader = loader_for(coded_dataset, "ffcv")
+    run_pipeline = EpochIterator.run_pipeline
+
+    def fails_at_batch_2(self, b_ix, *args):
+        if b_ix == 2:
+            raise OSError("injected: a read error in the decoder")
+        return run_pipeline(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", fails_at_batch_2)
+    loader.set_epoch(0)
+    with pytest.raises(RuntimeError, match="worker thread ended"):
+        guarded("ffcv: an epoch whose worker thread died", lambda: [b.images.clone() for b in loader])
+    monkeypatch.setattr(EpochIterator, "run_pipeline", run_pipeline)
+    loader.set_epoch(1)
+    assert len(guarded("ffcv: the next epoch", lambda: list(loader))) == len(loader)
+
+
+def test_a_torch_loader_freed_by_the_garbage_collector_stops_its_workers(coded_dataset, tmp_path):
+    """A TorchLoader whose epoch failed stays in a reference cycle (the error's traceback holds the frames that
+    hold it) until the garbage collector frees it. Its persistent workers must be stopped then: left waiting,
+    they ignore multiprocessing's SIGTERM at exit, and the process never exits (a CI timeout, not a red test)."""
+    import shutil
+
+    import numpy as np
+
+    from dataprep.layout import DatasetError
+    from tests.conftest import live_children
+
+    data = tmp_path / "data"
+    shutil.copytree(coded_dataset, data)
+    np.save(data / "train.sizes.npy", np.load(data / "train.sizes.npy") * 2)  # every worker raises DatasetError
+    before = set(live_children())
+
+    def failed_epoch() -> DatasetError:
+        loader = loader_for(data, "torch")
+        loader.set_epoch(0)
+        try:
+            list(loader)
+        except DatasetError as e:
+            return e  # e -> its traceback -> this frame -> e: a cycle that holds the loader
+        pytest.fail("the wrong size records were not noticed")
+
+    error = failed_epoch()
+    started = set(live_children()) - before
+    assert len(started) == 2, "the loader's two workers"
+    del error
+    guarded("the garbage collector freeing a TorchLoader with live workers", gc.collect)
+    left = started & set(live_children())
+    assert not left, f"worker processes {sorted(left)} outlived their collected TorchLoader"

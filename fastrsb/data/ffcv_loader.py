@@ -263,6 +263,7 @@ class FfcvLoader(SplitLoader):
         if table is not None:
             table.start(plan.indices, plan.keys)
         epoch = iter(self.loader)
+        epoch.output_queue = _WatchedQueue(epoch.output_queue, epoch)
         self.loader.recompile = False
         it = epoch
         if self.quasi_random and len(plan.indices) < self.epoch_length:  # resumed: the remaining length, other images
@@ -279,6 +280,27 @@ class FfcvLoader(SplitLoader):
                 yield nhwc_to_batch(images, labels)
         finally:
             _stop_epoch(epoch)
+
+
+class _WatchedQueue:
+    """ffcv's batch queue, read by its EpochIterator.__next__ with a get() that waits for good: when the worker
+    thread dies (an exception in a pipeline stage, which ffcv prints and then ends the thread on), nothing
+    would ever arrive. This get() waits as long, but raises once the thread is gone and the queue is empty."""
+
+    def __init__(self, inner: queue.Queue, worker):
+        self.inner, self.worker = inner, worker
+
+    def get(self):  # how EpochIterator.__next__ calls it (ffcv 1.0.2): blocking, no timeout
+        while True:
+            try:
+                return self.inner.get(timeout=0.5)
+            except queue.Empty:
+                if not self.worker.is_alive() and self.inner.empty():
+                    raise RuntimeError("ffcv's worker thread ended without finishing the epoch (its error is "
+                                      "printed above)") from None
+
+    def __getattr__(self, name):  # put, get_nowait, ...: the queue's own
+        return getattr(self.inner, name)
 
 
 def _stop_epoch(epoch) -> None:

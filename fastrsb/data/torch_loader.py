@@ -101,7 +101,22 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-_LIVE: "weakref.WeakSet[TorchLoader]" = weakref.WeakSet()
+# Every DataLoader with persistent workers, not every TorchLoader: an epoch's generator holds the DataLoader
+# (and so its workers) and may outlive the TorchLoader that made it (a traceback, a reference cycle).
+_LIVE: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+# A DataLoader's workers must be stopped while its queues are whole. When the garbage collector frees a
+# DataLoader in a reference cycle (a TorchLoader in a traceback's frames, after an error), the queues'
+# finalizers run first and stop their feeder threads, so the stop message the iterator's __del__ then sends
+# never reaches the workers: they wait for good, ignore multiprocessing's SIGTERM at exit, and the process
+# never exits. Each TorchLoader's finalizer holds its DataLoader, keeping it whole until the workers are
+# stopped (tests/test_no_hangs.py::test_a_torch_loader_freed_by_the_garbage_collector_stops_its_workers).
+
+
+def _shutdown_workers(loader: DataLoader) -> None:
+    it = loader._iterator
+    if it is not None:
+        it._shutdown_workers()
+        loader._iterator = None
 
 
 @atexit.register
@@ -110,7 +125,7 @@ def _stop_workers() -> None:
     would wait for them forever: shut them down in order first. This module imports after
     multiprocessing registers its hook, so this one runs before it."""
     for loader in list(_LIVE):
-        loader.close()
+        _shutdown_workers(loader)
 
 
 class TorchLoader(SplitLoader):
@@ -122,14 +137,12 @@ class TorchLoader(SplitLoader):
         self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.workers,
                                  worker_init_fn=_ignore_stop_signals, pin_memory=dist.device.type == "cuda",
                                  persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
-        _LIVE.add(self)
+        _LIVE.add(self.loader)
+        weakref.finalize(self, _shutdown_workers, self.loader).atexit = False  # at exit: _stop_workers
 
     def close(self) -> None:
         """Stop the persistent workers (they come back at the next epoch)."""
-        it = self.loader._iterator
-        if it is not None:
-            it._shutdown_workers()
-            self.loader._iterator = None
+        _shutdown_workers(self.loader)
 
     def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
         bs, res = self.batch_size, self.resolution
