@@ -35,4 +35,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[all]"
   echo "$want" > "$stamp"
 fi
-echo "[bootstrap] ready: $(.venv/bin/python -c 'import torch, ffcv, nvidia.dali as d, timm; print("torch", torch.__version__, "ffcv", ffcv.__version__, "dali", d.__version__, "timm", timm.__version__)')"
+echo "[bootstrap] ready: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "ffcv", "nvidia-dali-cuda130", "timm")))')"  # ffcv 1.0.2's __version__ says 0.0.3rc1
