@@ -127,13 +127,11 @@ def kernel_op(name: str, arg: torch.Tensor, h: int, w: int) -> tuple[int, torch.
     return _KERNEL_CODE[base], params
 
 
-def run_kernels(images: torch.Tensor, codes: torch.Tensor, params: torch.Tensor,
-                scratch: torch.Tensor | None = None) -> torch.Tensor:
+def run_kernels(images: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Run a kernel program on uint8 (N,H,W,3) CPU images: ops codes[l, i] with params[l, i] (IDENTITY
     = none) applied to image i layer after layer, images in parallel on torch's intra-op thread count.
-    `scratch`, like `images`, holds intermediate results (allocated here when not given)."""
+    `scratch`, like `images`, holds intermediate results (KernelOps keeps one across calls)."""
     out = torch.empty_like(images)
-    scratch = torch.empty_like(images) if scratch is None else scratch
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     previous = numba.set_parallel_chunksize(1)  # an image costs 3 to 300 us: hand them out one at a time
     try:
