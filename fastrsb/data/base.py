@@ -2,7 +2,9 @@
 SyntheticLoader) is, so that the trainer never branches on the backend."""
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from typing import Generator, Iterator, NamedTuple
 
 import numpy as np
@@ -43,6 +45,21 @@ def default_workers(dist: DistInfo) -> int:
     return max(1, (os.cpu_count() or 1) // dist.local_world_size)
 
 
+# Every loader, so that the epochs still running at exit end first. A backend's epoch runs threads that sit in
+# native code (ffcv's compiled pipeline, a JPEG decoder); when the interpreter finalises under them, such a
+# thread is unwound by pthread_exit and the process dies "terminate called without an active exception" (exit
+# 134). Closing the epoch stops them as leaving it early does (tests/test_exit.py).
+_LOADERS: "weakref.WeakSet[SplitLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _end_running_epochs() -> None:
+    """atexit runs before finalisation stops daemon threads; the torch backend's hook that stops its persistent
+    workers was registered later, so it runs before this one."""
+    for loader in list(_LOADERS):
+        loader.end_epoch()
+
+
 class SplitLoader:
     """What every backend is: one split (train or val) of one dataset on this rank, iterated an epoch at a
     time in the shared sampler's order. The trainer, evaluation and benchmarks use exactly this:
@@ -68,6 +85,7 @@ class SplitLoader:
         self._running: Generator[Batch, None, None] | None = None  # the latest epoch's batches
         self.resolution = cfg.train_res if self.train else cfg.val_res
         self.workers = cfg.workers or default_workers(dist)
+        _LOADERS.add(self)
 
     def _sampler_args(self, epoch: int, start_batch: int) -> dict:
         return dict(seed=self.cfg.seed, epoch=epoch, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -104,12 +122,17 @@ class SplitLoader:
     def __iter__(self) -> Iterator[Batch]:
         """The current epoch's batches from its resume offset on; the offset then goes back to 0 (set_epoch
         sets it for one epoch only)."""
-        if self._running is not None:  # an epoch still held open by its caller ends before the next starts
-            self._running.close()
+        self.end_epoch()  # an epoch still held open by its caller ends before the next starts
         plan = self.plan()
         self.start_batch = 0
         self._running = self._epoch(plan)
         return self._running
+
+    def end_epoch(self) -> None:
+        """End the running epoch, if any, as its caller's close() would: its threads and workers stop."""
+        running, self._running = self._running, None
+        if running is not None:
+            running.close()
 
     def _epoch(self, plan: EpochPlan) -> Generator[Batch, None, None]:
         raise NotImplementedError
