@@ -21,6 +21,10 @@ FFCV = ["ffcv==1.0.2", "opencv-python"]
 # DALI's wheel must match torch's CUDA major: the torch builds above are CUDA 13 (torch.version.cuda 13.0).
 # 2.4.0 is the release the tests ran; DALI deprecates and renames ops between minor releases.
 DALI = ["nvidia-dali-cuda130==2.4.0"]
+# data.torch_decode=device decodes with torchcodec where it works (torchvision 0.29 deprecates its decoders for it);
+# a torchcodec release is built for one torch minor (0.17 for 2.14): one that cannot load falls back to torchvision
+# with a warning (fastrsb/data/torch_device_decode.py). Its decode_jpeg arrived in 0.16.
+TORCHCODEC = ["torchcodec>=0.16"]
 TEST = ["pytest", "pytest-timeout", "scikit-image"]
 
 setup(
@@ -31,6 +35,7 @@ setup(
     package_data={"": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"ffcv": FFCV, "dali": DALI, "test": TEST, "all": FFCV + DALI + TEST},
+    extras_require={"ffcv": FFCV, "dali": DALI, "torchcodec": TORCHCODEC, "test": TEST,
+                    "all": FFCV + DALI + TORCHCODEC + TEST},
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         boxes, flips = crop_boxes(sizes, plan.keys[sel], cfg.data.scale, cfg.data.ratio)
         params = loader.to_device(resize_params(sizes, boxes, flips, args.res, cfg.data.crop_pct))
         t2 = time.perf_counter()
-        images = loader.decode(idx)
+        images, _ = loader.decode(idx)
         t3 = time.perf_counter()
         counter = _CountOps()
         with counter:

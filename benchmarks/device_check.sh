@@ -11,7 +11,12 @@
 #   randaug    RandAugment's torch ops on cuda vs timm's PIL RandAugment
 #   data       ImageNet-like JPEGs converted to tar shards (the torch backend's input; no ffcv/DALI needed)
 #   loader_*   bench loader on those shards, RRC at 224 and 160 px: the torch backend with data.torch_decode=device
-#              (torchvision's batched nvjpeg decode, crops and resize on the GPU) and =workers (PIL, all cores)
+#              (batched nvjpeg decode, crops and resize on the GPU) and =workers (PIL, all cores). The device decode
+#              is torchvision's; with a torchcodec wheel for the machine's Python in $TORCHCODEC_WHEELS (default .whl/,
+#              ignored by git, carried with the checkout: the machine has no network) it is installed into a private
+#              folder and probed on the device first (step torchcodec), then both libraries are timed. Its
+#              decode_jpeg needs torchcodec >= 0.16, built for torch >= 2.13: against an older torch the probe fails
+#              naming why (the log), the summary marks the step FAILED and torchvision alone is timed.
 #   e2e_*      bench e2e, RSB A3: synthetic data with the batch stage on and off at 224 px (what the data
 #              path costs beyond the model), the torch backend (PIL in DataLoader workers) at 160 px, and
 #              e2e_torch_device_decode(_160): the torch backend decoding on the GPU at 224 and 160 px
@@ -54,8 +59,16 @@ step randaug $PY -m benchmarks.bench_randaugment --device "$DEV" --batch-size "$
   --repeats "$REPEATS" --json "$WORK/json/randaug.json"
 step data $PY -c "from benchmarks.imagenet_like import make_imagenet_like as m; m('$WORK/src', $IMAGES, with_val=64)" \
   && step convert $PY -m fastrsb convert "$WORK/src" "$WORK/data" --formats dali --no-progress
+DEVICE_DECODERS=torch:device:torchvision
+TORCHCODEC_WHEEL=$(ls "${TORCHCODEC_WHEELS:-.whl}"/torchcodec-*.whl 2>/dev/null | tail -n 1)
+if [ -n "$TORCHCODEC_WHEEL" ] && step torchcodec bash -c "$PY -m pip install -q --no-deps --target '$WORK/site' \
+    '$TORCHCODEC_WHEEL' && PYTHONPATH=\"\$PYTHONPATH:$WORK/site\" $PY -c 'import torch; from fastrsb.data.torch_device_decode \
+    import choose_jpeg_decoder as c; print(c(\"torchcodec\", torch.device(\"$DEV\")).name, \"decodes on $DEV\")'"; then
+  export PYTHONPATH="$PYTHONPATH:$WORK/site"
+  DEVICE_DECODERS=torch:device:torchcodec,$DEVICE_DECODERS
+fi
 for res in "$RES" "$RES_LOW"; do
-  step "loader_torch_$res" "${BENCH[@]}" loader --device "$DEV" --data "$WORK/data" --backends torch:device,torch \
+  step "loader_torch_$res" "${BENCH[@]}" loader --device "$DEV" --data "$WORK/data" --backends "$DEVICE_DECODERS",torch \
     --batch-size "$BS" --res "$res" --repeats "$REPEATS" --epochs 1 --no-bare --no-decode-limit --json "$WORK/json/loader_torch_$res.json"
 done
 A3=(--config configs/rsb_a3.yaml --data "$WORK/data" --steps "$STEPS" --repeats "$REPEATS" --model.name="$MODEL"

@@ -56,8 +56,9 @@ def summarize(docs: dict, failed: list[str]) -> list[str]:
             continue
         for r in doc["results"]:
             fallback = r.get("decode", {}).get("fallbacks")
-            lines.append(f"{name}, {r['backend']}: {r['images_per_sec']:,.0f} img/s (min {r['min']:,.0f}, max "
-                         f"{r['max']:,.0f})" + (f", {fallback} host-decode fallbacks" if fallback is not None else ""))
+            lines.append(f"{name}, {r['backend']} ({r.get('decoder', '?')}): {r['images_per_sec']:,.0f} img/s (min "
+                         f"{r['min']:,.0f}, max {r['max']:,.0f})"
+                         + (f", {fallback} host-decode fallbacks" if fallback is not None else ""))
     for name in ("e2e_synthetic", "e2e_synthetic_no_augment", "e2e_torch", "e2e_torch_device_decode",
                  "e2e_torch_device_decode_160"):
         row = _row(docs, name)

@@ -35,6 +35,9 @@ class DataConfig:
     num_repeats: int = 1  # repeated augmentation (DeiT/timm RepeatAugSampler); 1 = off
     seed: int | None = None  # the sample order's and augmentation's seed; None: train.seed (one seed per run)
     prefetch: int = 4  # batches staged ahead of the consumer (DALI queue depth; cuda staging depth)
+    # stored samples that cannot be decoded are replaced by another of their batch and named; past this many (per
+    # split, per process) the run checkpoints and stops. None: 0.01% of the split, rounded up; 0: stop on the first
+    max_bad_samples: int | None = None
     # backend knobs
     # fastrsb: seeded crops, only the needed part of the JPEG decoded (DCT scale, cropped window), Pillow's
     # bilinear/bicubic; ffcv: ffcv's own decoders (unseeded crops, cv2 INTER_AREA), kept for comparison
@@ -43,9 +46,11 @@ class DataConfig:
     ffcv_batches_ahead: int = 3
     ffcv_quasi_random: bool = False  # only single-process; QUASI_RANDOM is not supported distributed
     dali_decode: Literal["auto", "cpu", "mixed"] = "auto"  # auto: mixed (nvjpeg) on cuda, cpu otherwise
-    # torch backend: workers = PIL in DataLoader workers (the reference); device = torchvision.io.decode_jpeg on
-    # train.device (nvjpeg on cuda, libjpeg-turbo on the cpu), crops and resize there too
+    # torch backend: workers = PIL in DataLoader workers (the reference); device = batched decode on train.device
+    # (nvjpeg on cuda, libjpeg-turbo on the cpu), crops and resize there too
     torch_decode: Literal["workers", "device"] = "workers"
+    # torch_decode=device's library: auto = torchcodec where it is installed and works, else torchvision
+    torch_device_decoder: Literal["auto", "torchcodec", "torchvision"] = "auto"
     synthetic_num_samples: int = 10000  # synthetic backend: pretend dataset size
     synthetic_num_classes: int = 1000
 
@@ -158,18 +163,27 @@ SECTIONS: dict[str, type] = {
 }
 
 
-# the data.* key that chooses each backend's decoder (BACKEND:DECODE in `fastrsb bench` and the tests)
+# the data.* key that chooses each backend's decoder (BACKEND:DECODE in `fastrsb bench` and the tests), and the
+# one decoder with a choice of library (BACKEND:DECODE:LIBRARY)
 DECODER_KEY = {"ffcv": "ffcv_decoder", "dali": "dali_decode", "torch": "torch_decode"}
+LIBRARY_KEY = {("torch", "device"): "torch_device_decoder"}
 
 
 def parse_backend_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """'BACKEND[:DECODE]' -> (backend, {data key: DECODE}), e.g. 'torch:device' -> ('torch', {'torch_decode': 'device'})."""
-    backend, _, decode = spec.partition(":")
+    """'BACKEND[:DECODE[:LIBRARY]]' -> (backend, {data key: value}), e.g. 'torch:device' -> ('torch', {'torch_decode':
+    'device'}), 'torch:device:torchvision' also sets data.torch_device_decoder."""
+    backend, _, rest = spec.partition(":")
+    decode, _, library = rest.partition(":")
     if not decode:
         return backend, {}
     if backend not in DECODER_KEY:
         raise ValueError(f"{spec!r}: only {', '.join(f'{b}:DECODE' for b in DECODER_KEY)} name a decoder")
-    return backend, {DECODER_KEY[backend]: decode}
+    keys = {DECODER_KEY[backend]: decode}
+    if library:
+        if (backend, decode) not in LIBRARY_KEY:
+            raise ValueError(f"{spec!r}: only {', '.join(f'{b}:{d}:LIBRARY' for b, d in LIBRARY_KEY)} name a library")
+        keys[LIBRARY_KEY[backend, decode]] = library
+    return backend, keys
 
 
 def allowed(section: type, key: str) -> tuple:
@@ -298,6 +312,8 @@ def validate(cfg: Any) -> None:
                        ("train.eval_every_epochs", t.eval_every_epochs), ("train.keep_checkpoints", t.keep_checkpoints)):
         _require(value >= 1, f"{key} must be >= 1, got {value}")
     _require(d.workers >= 0, f"data.workers must be >= 0 (0: all cores), got {d.workers}")
+    _require(d.max_bad_samples is None or d.max_bad_samples >= 0,
+             f"data.max_bad_samples must be >= 0 (0: stop on the first), got {d.max_bad_samples}")
     _require(0 < d.crop_pct <= 1, f"data.crop_pct must lie in (0, 1], got {d.crop_pct}")
     _require(0 < d.scale[0] <= d.scale[1] <= 1, f"data.scale must be 0 < min <= max <= 1, got {list(d.scale)}")
     _require(0 < d.ratio[0] <= d.ratio[1], f"data.ratio must be 0 < min <= max, got {list(d.ratio)}")

@@ -45,11 +45,12 @@ class Evaluator:
             top1, top5 = accuracy(logits, y, topk=(1, 5))
             hits += torch.stack([top1, top5]).double().mul_(y.shape[0] / 100).round_()
             seen += y.shape[0]
-        counts = torch.cat([hits, hits.new_full((1,), float(seen))])
+        counts = torch.cat([hits, hits.new_tensor([seen, len(self.loader.bad_samples.in_pass)])])
         if self.dist.distributed:
             tdist.all_reduce(counts)
-        c1, c5, n = counts.tolist()
-        return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "num_samples": int(n)}
+        c1, c5, n, bad = counts.tolist()
+        # bad: undecodable samples, each counted as the sample of its batch that replaced it (fastrsb.data.bad_samples)
+        return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "num_samples": int(n), "bad_samples": int(bad)}
 
 
 def create_evaluator(cfg, dist: DistInfo) -> Evaluator:

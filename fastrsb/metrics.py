@@ -49,7 +49,9 @@ class WindowStats:
     at_interval: bool  # closed at a train.log_interval boundary (else: at an epoch's end, a stop or max_steps)
     loss: float  # mean over the window's steps and all ranks
     nonfinite: bool  # a NaN/inf loss on some rank
-    stop: bool  # a SIGTERM/SIGINT arrived on some rank
+    stop: bool  # some rank asks the run to stop: a SIGTERM/SIGINT, or too many bad samples
+    bad_data: bool  # the stop is for bad samples (fastrsb.data.bad_samples): the run ends with an error
+    bad_samples: int  # undecodable samples met in the epoch so far, all ranks
     checkpoint_due: bool  # rank 0's checkpoint clock, at an interval boundary
     images_per_sec: float  # all ranks
     data_stall: float  # time waiting for the next batch / wall time
@@ -64,18 +66,20 @@ class EpochTotals:
     steps: int = 0
     images: int = 0
     wait: float = 0.0
+    bad_samples: int = 0  # all ranks, as of the latest window
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, window: LogWindow, loss_sum: float, world_size: int) -> None:
+    def add(self, window: LogWindow, loss_sum: float, world_size: int, bad_samples: int) -> None:
         self.loss += loss_sum
         self.steps += window.steps * world_size
         self.images += window.images
         self.wait += window.wait
+        self.bad_samples = bad_samples
 
     def figures(self, world_size: int) -> dict:
         elapsed = time.perf_counter() - self.start
         return {"loss": self.loss / max(self.steps, 1), "images_per_sec": self.images * world_size / elapsed,
-                "data_stall": self.wait / elapsed, "epoch_time_s": elapsed}
+                "data_stall": self.wait / elapsed, "epoch_time_s": elapsed, "bad_samples": self.bad_samples}
 
 
 class MetricsLog:

@@ -12,6 +12,7 @@ def _train(args: argparse.Namespace) -> int:
     from fastrsb.checkpoint import CheckpointError, NonFiniteState
     from fastrsb.config import ConfigError, load_config, to_dict
     from fastrsb.data import LoaderError
+    from fastrsb.data.bad_samples import BadDataError
     from fastrsb.dist import init_distributed, shutdown
     from fastrsb.export import record_launch
     from fastrsb.trainer import Trainer
@@ -36,7 +37,8 @@ def _train(args: argparse.Namespace) -> int:
         if dist.is_main:
             (Path(args.out) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
             record_launch(args.out, args.config, " ".join(["fastrsb", *sys.argv[1:]]))
-            print(f"[train] {cfg.model.name} on {cfg.data.backend} ({dist.device}, world {dist.world_size}), "
+            print(f"[train] {cfg.model.name} on {cfg.data.backend} ({trainer.train_loader.decoder_name}; {dist.device}, "
+                  f"world {dist.world_size}), "
                   f"{trainer.steps_per_epoch} steps/epoch, global batch {trainer.global_batch}, lr {trainer.peak_lr:g}")
         if trainer.epoch >= cfg.train.epochs and dist.is_main:
             print(f"[train] {args.out} already finished its {cfg.train.epochs} epochs; nothing to do")
@@ -45,6 +47,9 @@ def _train(args: argparse.Namespace) -> int:
         except NonFiniteState as e:
             print(f"fastrsb train: error: {e}", file=sys.stderr)
             return 3
+        except BadDataError as e:  # checkpointed first
+            print(f"fastrsb train: error: {e}", file=sys.stderr)
+            return 4
         except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint being written, if any, was discarded
             print(f"fastrsb train: stopped by a second SIGINT at step {trainer.step} without a checkpoint of it; "
                   f"--resume auto continues from the newest one in {trainer.ckpt_dir}", file=sys.stderr)

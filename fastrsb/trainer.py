@@ -21,6 +21,7 @@ from fastrsb.augment import BatchAugment
 from fastrsb.checkpoint import Checkpointer, NonFiniteState, code_version
 from fastrsb.config import to_dict
 from fastrsb.data import create_loader
+from fastrsb.data.bad_samples import BadDataError
 from fastrsb.data.base import SplitLoader
 from fastrsb.dist import DistInfo
 from fastrsb.evaluation import Evaluator, create_evaluator
@@ -30,6 +31,36 @@ from fastrsb.model import create_ema, create_model, wrap_model
 from fastrsb.optim import base_lr, create_optimizer, lr_at, resolution_at
 from fastrsb.precision import amp_dtype, autocast
 from fastrsb.seeding import derive_seed, rng_state, seed_everything, set_rng_state
+
+
+class StopRequest:
+    """Why this process asks the run to stop: a SIGTERM/SIGINT (set by the handler fit() installs), or a loader past
+    data.max_bad_samples. Every rank's answer is agreed on by an all-reduce (Trainer._close, _stop_requested), so
+    all ranks stop after the same step."""
+
+    def __init__(self, loaders: list[SplitLoader]):
+        self.signal: int | None = None
+        self.loaders = loaders
+
+    @property
+    def bad_data(self) -> bool:
+        return any(loader.bad_samples.over_limit for loader in self.loaders)
+
+    @property
+    def asked_here(self) -> bool:
+        return self.signal is not None or self.bad_data
+
+    def flags(self) -> list[float]:
+        """[stop, for bad data], as all-reduced sums."""
+        return [float(self.asked_here), float(self.bad_data)]
+
+    def bad_data_error(self, data_path: str) -> BadDataError:
+        """The error a run stopped for bad samples ends with: this rank's listing, or where to find one."""
+        for loader in self.loaders:
+            if loader.bad_samples.over_limit:
+                return loader.bad_samples.error(data_path)
+        return BadDataError("another rank met more undecodable samples than data.max_bad_samples (its log names "
+                            f"them); the run was checkpointed. Run `fastrsb verify {data_path}`")
 
 
 class Trainer:
@@ -58,12 +89,12 @@ class Trainer:
     steps_per_epoch: int
     global_batch: int
     peak_lr: float
-    # state: checkpointed, except the stop signal
+    # state: checkpointed, except the stop request
     epoch: int
     batch_in_epoch: int
     step: int
     totals: EpochTotals
-    _stop_signal: int | None  # set by the SIGTERM/SIGINT handler fit() installs
+    stop: StopRequest
 
     def __init__(self, cfg, run_dir: str | Path, dist: DistInfo):
         self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
@@ -98,7 +129,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, dist, t.tensorboard)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.totals = EpochTotals()
-        self._stop_signal = None
+        self.stop = StopRequest([self.train_loader, self.evaluator.loader])
 
     @property
     def ckpt_dir(self) -> Path:
@@ -217,7 +248,7 @@ class Trainer:
             self.step += 1
             self.batch_in_epoch += 1
             at_interval = self.step % interval == 0
-            stopping_alone = self._stop_asked_here() and not self.dist.distributed
+            stopping_alone = self.stop.asked_here and not self.dist.distributed
             if at_interval or stopping_alone or self.batch_in_epoch == self.steps_per_epoch:
                 closed.append(self._close(window, at_interval))
                 if self._after_window(closed[-1], res):
@@ -238,18 +269,19 @@ class Trainer:
             torch.cuda.synchronize(self.dist.device)
         elapsed = time.perf_counter() - window.start
         due = self.dist.is_main and at_interval and self.checkpointer.timed_due()
-        flags = torch.tensor([float(self._stop_asked_here()), float(due)], dtype=torch.float64)
+        flags = torch.tensor([*self.stop.flags(), float(due), len(self.train_loader.bad_samples.in_pass)],
+                             dtype=torch.float64)
         v = torch.cat([torch.stack([window.loss, window.nonfinite.double()]), flags.to(self.dist.device)])
         if self.dist.distributed:
             tdist.all_reduce(v)
-        loss, bad, stop, due = v.tolist()
+        loss, bad, stop, bad_data, due, bad_samples = v.tolist()
         if bad and self.amp is not torch.float16:
             raise NonFiniteState(f"loss is not finite at step {self.step} (epoch {self.epoch}); "
                                  "stopping without overwriting the last good checkpoint")
         world = self.dist.world_size
-        self.totals.add(window, loss, world)
-        return WindowStats(window.steps, at_interval, loss / (window.steps * world), bad > 0, stop > 0, due > 0,
-                           window.images * world / elapsed, window.wait / elapsed)
+        self.totals.add(window, loss, world, int(bad_samples))
+        return WindowStats(window.steps, at_interval, loss / (window.steps * world), bad > 0, stop > 0, bad_data > 0,
+                           int(bad_samples), due > 0, window.images * world / elapsed, window.wait / elapsed)
 
     def _after_window(self, w: WindowStats, res: int) -> bool:
         """Everything a closed window decides, in one place: its metrics line (at an interval), then a stop
@@ -290,23 +322,19 @@ class Trainer:
 
     def _evaluate_all(self) -> dict:
         m = self.evaluate()
-        out = {"val_top1": m["top1"], "val_top5": m["top5"]}
+        out = {"val_top1": m["top1"], "val_top5": m["top5"], "val_bad_samples": m["bad_samples"]}
         if self.ema is not None:
             e = self.evaluate(self.ema.module)
             out.update(ema_val_top1=e["top1"], ema_val_top5=e["top5"])
         return out
 
-    def _stop_asked_here(self) -> bool:
-        """Whether this process received SIGTERM/SIGINT; every rank's answer is agreed on by an all-reduce,
-        at a window's close (_close) or after an evaluation (_stop_requested)."""
-        return self._stop_signal is not None
-
-    def _stop_requested(self) -> bool:
-        """Whether a SIGTERM/SIGINT arrived on any rank (a collective under DDP: call on every rank)."""
-        flag = torch.tensor([float(self._stop_asked_here())], device=self.dist.device)
+    def _stop_requested(self) -> tuple[bool, bool]:
+        """(stop, for bad data) as all ranks agree (a collective under DDP: call on every rank)."""
+        flags = torch.tensor(self.stop.flags(), device=self.dist.device)
         if self.dist.distributed:
-            tdist.all_reduce(flag)
-        return bool(flag.item() > 0)
+            tdist.all_reduce(flags)
+        stop, bad_data = flags.tolist()
+        return stop > 0, bad_data > 0
 
     @contextmanager
     def _stop_signals(self):
@@ -316,9 +344,9 @@ class Trainer:
         process group and torchrun, which forwards its own SIGTERM, deliver two to every rank."""
 
         def handler(signum, frame):
-            if signum == signal.SIGINT and self._stop_signal is not None:
+            if signum == signal.SIGINT and self.stop.signal is not None:
                 raise KeyboardInterrupt
-            self._stop_signal = self._stop_signal or signum
+            self.stop.signal = self.stop.signal or signum
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -332,7 +360,8 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the configured number of epochs (from wherever the state is). Returns the final
-        metrics, or {'interrupted': True, ...} when a signal ended the run after a checkpoint."""
+        metrics, or {'interrupted': True, ...} when a signal ended the run after a checkpoint; raises BadDataError
+        after a checkpoint when a loader met more undecodable samples than data.max_bad_samples."""
         epochs = self.cfg.train.epochs
         metrics: dict = {}
         self.metrics.open_bar(epochs * self.steps_per_epoch, self.step)
@@ -342,6 +371,8 @@ class Trainer:
                     self.metrics.show(self.step, epoch=f"epoch {self.epoch + 1}/{epochs}")
                     windows = self.train_epoch()
                     if windows and windows[-1].stop:
+                        if windows[-1].bad_data:
+                            raise self.stop.bad_data_error(self.cfg.data.path)
                         return self._interrupted()
                     metrics = {"kind": "epoch", **self.totals.figures(self.dist.world_size),
                                "lr": self._lr_at(self.step - 1),
@@ -355,9 +386,12 @@ class Trainer:
                     checkpointed = self.checkpointer.epoch_due(self.epoch)
                     if checkpointed:
                         self.save_checkpoint(metrics)
-                    if not last and self._stop_requested():  # a stop that arrived during the evaluation
+                    stop, bad_data = self._stop_requested()  # one that arrived during the evaluation
+                    if bad_data or (stop and not last):
                         if not checkpointed:
                             self.save_checkpoint(metrics)
+                        if bad_data:
+                            raise self.stop.bad_data_error(self.cfg.data.path)
                         return self._interrupted()
         finally:
             self.metrics.close()

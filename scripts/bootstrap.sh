@@ -31,8 +31,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
   # torch first and pinned to the tested builds: setup.py states only ranges (so that an existing torch is
   # kept), and ffcv's and timm's resolution must not pull another build.
-  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "torchcodec==0.17.0"  # torchcodec: the build for this torch
   .venv/bin/python -m pip install -q -e ".[all]"
   echo "$want" > "$stamp"
 fi
-echo "[bootstrap] ready: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "ffcv", "nvidia-dali-cuda130", "timm")))')"  # ffcv 1.0.2's __version__ says 0.0.3rc1
+echo "[bootstrap] ready: $(.venv/bin/python -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("torch", "torchcodec", "ffcv", "nvidia-dali-cuda130", "timm")))')"  # ffcv 1.0.2's __version__ says 0.0.3rc1

@@ -111,3 +111,28 @@ def sample_ids(data: Path, split: str, images) -> list[list[int]]:
         assert all(c in sample_of_code for c in codes), "a colour that is not an image of this split"
         out.append([sample_of_code[c] for c in codes])
     return out
+
+
+def damage_sample(data: Path, split: str, index: int, where: str = "start", nbytes: int = 16) -> None:
+    """Overwrite `nbytes` of a stored sample's JPEG with zeros where the dataset holds it, the DALI shard and the
+    .beton alike, file sizes unchanged: a disk error after conversion. where="start": its SOI and APP markers (no
+    decoder recognises it); "scan": the scan header after its SOS marker (decoders fail part-way; a walk of the
+    markers up to the frame header passes)."""
+    from dataprep.layout import open_dataset
+
+    info = open_dataset(data).split(split)
+    starts = []  # (file, offset of the JPEG's first byte)
+    if info.shards:
+        loc = info.shard_locations()
+        starts.append((loc.tar_paths[loc.shard[index]], int(loc.offset[index])))
+    if info.beton is not None:
+        from ffcv.reader import Reader
+
+        reader = Reader(str(info.beton_path))
+        starts.append((info.beton_path, int(reader.metadata[f"f{reader.field_names.index('image')}"][index]["data_ptr"])))
+    for path, offset in starts:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            at = 0 if where == "start" else f.read(1 << 16).index(b"\xff\xda") + 2
+            f.seek(offset + at)
+            f.write(b"\0" * nbytes)

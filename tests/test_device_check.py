@@ -42,7 +42,8 @@ def test_device_check_runs_every_step_on_the_cpu(tmp_path):
     assert [rows[n][0]["backend"] for n in ("e2e_synthetic", "e2e_torch", "e2e_torch_device_decode")] == \
         ["synthetic", "torch", "torch"]
     for res in (32, 24):  # device decode beside the reference, each row from its own loader
-        assert [r["backend"] for r in rows[f"loader_torch_{res}"]] == ["torch:device", "torch"]
+        assert [r["backend"] for r in rows[f"loader_torch_{res}"]] == ["torch:device:torchvision", "torch"]
+        assert rows[f"loader_torch_{res}"][0]["decoder"].startswith("torchvision 0.")
         assert rows[f"loader_torch_{res}"][0]["decode"]["fallbacks"] == 0
     summary = (out / "summary.txt").read_text()
     assert "FAILED" not in summary and "tests (augment parity + sync audit): passed" in summary

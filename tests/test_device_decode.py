@@ -88,23 +88,24 @@ def test_a_size_record_that_disagrees_with_its_jpeg_names_the_sample(small_datas
         collect(_loader(data, "device"))
 
 
-def test_jpegs_the_device_decoder_refuses_are_decoded_on_the_host_and_counted(small_dataset, monkeypatch):
+def test_jpegs_the_device_decoder_refuses_are_decoded_on_the_host_and_counted(small_dataset):
     """nvjpeg refuses some JPEGs that libjpeg-turbo decodes (which ones depends on the nvjpeg build); the CPU has no
-    nvjpeg, so a stand-in for it refuses every batch and one sample's bytes whenever a device is named. The epoch
-    completes with the same pixels, and the one host decode is counted."""
-    from fastrsb.data import torch_device_decode as tdd
-
+    nvjpeg, so a stand-in for it refuses every batch, and one sample's bytes at its first (device) try; the host
+    decode after it succeeds. The epoch completes with the same pixels, and the one host decode is counted."""
     reference = collect(_loader(small_dataset, "device"))[0]
-    refused = {}
-    real = tdd.decode_jpeg
-
-    def device_decoder(data, mode, device=None):
-        if device is not None and (isinstance(data, list) or refused.setdefault("bytes", bytes(data)) == bytes(data)):
-            raise RuntimeError("nvjpeg: unsupported JPEG")
-        return real(data, mode=mode)
-
-    monkeypatch.setattr(tdd, "decode_jpeg", device_decoder)
     loader = _loader(small_dataset, "device")
+    real, tries = loader.jpeg_decoder._decode, {}
+
+    def device_decoder(data, device):
+        if isinstance(data, list):
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        first = tries.setdefault("bytes", bytes(data))
+        if first == bytes(data) and tries.setdefault("refused", 0) == 0:
+            tries["refused"] = 1
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return real(data, device)
+
+    loader.jpeg_decoder._decode = device_decoder
     again = collect(loader)[0]
     assert all(torch.equal(x, y) for x, y in zip(reference, again))
     stats = loader.decode_stats.as_dict()
@@ -121,7 +122,7 @@ def _decoded_batch(data, n=8, res=32):
     idx = plan.indices[:n]
     sizes = loader.shards.sizes[idx]
     boxes, flips = crop_boxes(sizes, plan.keys[:n], loader.cfg.scale, loader.cfg.ratio)
-    return loader.decode(idx), torch.from_numpy(resize_params(sizes, boxes, flips, res, loader.cfg.crop_pct))
+    return loader.decode(idx)[0], torch.from_numpy(resize_params(sizes, boxes, flips, res, loader.cfg.crop_pct))
 
 
 def test_the_device_resize_never_waits_on_the_host(small_dataset):
@@ -154,3 +155,63 @@ def test_float16_matmuls_as_on_cuda_stay_within_a_level(small_dataset):
         half = resize_batch(images, params, 32, interpolation, torch.float16).float()
         diff = (exact - half).abs()
         assert diff.max().item() <= 1 and diff.mean().item() < 0.1, (interpolation, diff.mean().item())
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_torchcodec_and_torchvision_decode_the_same_pixels(messy_dataset, split):
+    """data.torch_device_decoder: torchcodec (auto's choice where it is installed) and torchvision (the lent GPU
+    machine's) give the same batches to the bit on the messy sources as stored; each loader names its library."""
+    pytest.importorskip("torchcodec")  # installed by the set-up ([all]); the GPU machine may lack it
+    over = dict(train_res=64, val_res=64, batch_size=4)
+    auto = _loader(messy_dataset, "device", split, **over)
+    torchvision = _loader(messy_dataset, "device", split, torch_device_decoder="torchvision", **over)
+    assert auto.decoder_name.startswith("torchcodec 0.") and torchvision.decoder_name.startswith("torchvision 0.")
+    a, b = collect(auto)[0], collect(torchvision)[0]
+    assert len(a) == len(b) == len(auto)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert auto.decode_stats.as_dict()["decoder"] == auto.jpeg_decoder.name
+
+
+BROKEN_TORCHCODEC = """
+from fastrsb.config import load_config
+from fastrsb.data import create_loader
+from fastrsb.dist import DistInfo
+cfg = load_config(values={"data": {"path": %r, "backend": "torch", "torch_decode": "device", "batch_size": 4,
+                                   "train_res": 32}, "train": {"device": "cpu"}})
+loader = create_loader(cfg, "train", DistInfo())
+print(tuple(next(iter(loader)).images.shape), loader.decoder_name)
+cfg.data.torch_device_decoder = "torchcodec"
+try:
+    create_loader(cfg, "train", DistInfo())
+except ValueError as e:
+    print("ASKED", e)
+"""
+
+
+def test_a_torchcodec_that_cannot_decode_warns_once_and_torchvision_takes_over(small_dataset, tmp_path):
+    """A real broken install: torchcodec's package without its native libraries (as after a build for another torch,
+    or missing FFmpeg/CUDA libraries), first on the path of a child process. auto: one warning naming why, torchvision
+    decodes, the batch arrives; asking for torchcodec by name is an error naming why."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchcodec = pytest.importorskip("torchcodec")
+    broken = tmp_path / "site" / "torchcodec"
+    shutil.copytree(Path(torchcodec.__file__).parent, broken)
+    for lib in broken.glob("*.so"):
+        lib.unlink()
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent), str(root)])}
+    code = BROKEN_TORCHCODEC % str(small_dataset)
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("(4, 3, 32, 32) torchvision 0."), r.stdout
+    warned = [ln for ln in r.stderr.splitlines() if "Warning" in ln]  # as a user sees them: the default filters
+    assert len(warned) == 1, r.stderr
+    assert "UserWarning: torchcodec is installed but cannot decode JPEGs on cpu (ImportError: " in warned[0]
+    assert "decodes with torchvision" in warned[0]
+    assert lines[1].startswith("ASKED data.torch_device_decoder=torchcodec cannot decode on cpu: ImportError"), r.stdout

@@ -71,6 +71,10 @@ def test_backend_specs_name_each_backends_decoder_key():
         assert (cfg.data.backend, getattr(cfg.data, key)) == (backend, value)
     with pytest.raises(ValueError, match="'synthetic:fast': only ffcv:DECODE, dali:DECODE, torch:DECODE"):
         parse_backend_spec("synthetic:fast")
+    assert parse_backend_spec("torch:device:torchvision") == (
+        "torch", {"torch_decode": "device", "torch_device_decoder": "torchvision"})
+    with pytest.raises(ValueError, match="'torch:workers:torchcodec': only torch:device:LIBRARY name a library"):
+        parse_backend_spec("torch:workers:torchcodec")
 
 
 # ------------------------------------------------------------------ schedules

@@ -125,7 +125,7 @@ def test_the_epochs_loss_does_not_depend_on_where_log_windows_close():
             window = LogWindow(torch.device("cpu"))
             for i in steps:
                 window.add(losses[i], 8, 0.0)
-            totals.add(window, float(window.loss), 1)
+            totals.add(window, float(window.loss), 1, bad_samples=0)
         return totals.loss
 
     assert epoch_loss([[0], [1, 2]]) == epoch_loss([[0], [1], [2]]) == epoch_loss([[0, 1, 2]])

@@ -1,7 +1,8 @@
-"""fastrsb where ffcv and DALI are not installed (the lent GPU machine has neither): every child process runs
-with tests/no_ffcv_dali on PYTHONPATH, whose sitecustomize makes both packages unimportable and fails the
-process (exit 97) if either got imported anyway. Import, convert --formats dali, verify, bench model, bench e2e,
-train on the torch and synthetic backends work; asking for ffcv or dali is a one-line error naming the package.
+"""fastrsb where ffcv, DALI and torchcodec are not installed (the lent GPU machine has none of them): every child
+process runs with tests/no_ffcv_dali on PYTHONPATH, whose sitecustomize makes them unimportable and fails the
+process (exit 97) if ffcv or DALI got imported anyway. Import, convert --formats dali, verify, bench model, bench
+e2e, train on the torch (decoding on the device with torchvision) and synthetic backends work; asking for ffcv or
+dali is a one-line error naming the package.
 device_check.sh's CPU mode runs under the same blocker in tests/test_device_check.py.
 
 FASTRSB_TEST_PYTHON=/path/to/python runs the children with another interpreter (a torch 2.11 venv, say),
@@ -51,7 +52,7 @@ def without_ffcv_dali(name: str, *args: str, rc: int = 0, timeout: float = 120, 
 def test_the_blocker_blocks_and_its_exit_check_notices_an_import():
     r = without_ffcv_dali("blocked imports", "-c", """
 import importlib
-for name in ("ffcv", "ffcv.loader", "nvidia.dali", "nvidia.dali.fn"):
+for name in ("ffcv", "ffcv.loader", "nvidia.dali", "nvidia.dali.fn", "torchcodec", "torchcodec.decoders"):
     try:
         importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -59,7 +60,7 @@ for name in ("ffcv", "ffcv.loader", "nvidia.dali", "nvidia.dali.fn"):
 import torch, torchvision, timm  # torch's CUDA libraries live under the nvidia namespace: not blocked
 """)
     # a submodule is missing because its package is, as when the package is not installed
-    assert r.stdout.split() == ["missing", "ffcv"] * 2 + ["missing", "nvidia.dali"] * 2
+    assert r.stdout.split() == ["missing", "ffcv"] * 2 + ["missing", "nvidia.dali"] * 2 + ["missing", "torchcodec"] * 2
     has_ffcv = subprocess.run([PYTHON, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('ffcv') is None)"],
                               timeout=60).returncode == 0  # the children's interpreter, without the blocker
     if not has_ffcv:
@@ -115,11 +116,16 @@ def test_convert_bench_and_train_without_ffcv_dali(tmp_path):
         rows = json.loads((tmp_path / f"{name}.json").read_text())["results"]
         assert rows and all(row["images_per_sec"] > 0 for row in rows), (name, rows)
 
-    for backend in ("torch", "synthetic"):
+    # the torch backend as the GPU machine runs it: decoding on the device, with torchvision (no torchcodec there)
+    first_lines = {"torch": "[train] resnet10t on torch (torchvision 0.", "synthetic": "[train] resnet10t on synthetic ("}
+    for backend, first_line in first_lines.items():
         out = tmp_path / f"run_{backend}"
-        without_ffcv_dali(f"train --data.backend={backend}", "-m", "fastrsb", "train", "--config",
-                          str(CONFIGS / "demo.yaml"), "--data", str(data), "--out", str(out), *TINY_TRAIN,
-                          f"--data.backend={backend}", "--data.synthetic_num_samples=16")
+        r = without_ffcv_dali(f"train --data.backend={backend}", "-m", "fastrsb", "train", "--config",
+                              str(CONFIGS / "demo.yaml"), "--data", str(data), "--out", str(out), *TINY_TRAIN,
+                              f"--data.backend={backend}", "--data.torch_decode=device",
+                              "--data.synthetic_num_samples=16")
+        assert r.stdout.startswith(first_line), r.stdout[:300]
+        assert "torchcodec is installed" not in r.stderr  # not installed is not unusable: no warning
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert any("val_top1" in m for m in metrics) and list((out / "checkpoints").iterdir()), backend
 

@@ -165,8 +165,11 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
     timed = _time_round_robin(factories, repeats, epochs, sync)
     rows = [{"backend": name, **_summary(values), "per_round": [round(v, 1) for v in values]}
             for name, values in timed.items()]
-    for r in rows:  # fastrsb's ffcv decoder: the share of images decoded at each DCT scale, cropped first, ...
-        stats = getattr(loaders.get(r["backend"]), "decode_stats", None)
+    for r in rows:  # what decoded; fastrsb's ffcv decoder: the share of images decoded at each DCT scale, ...
+        loader = loaders.get(r["backend"])
+        if loader is not None:
+            r["decoder"] = loader.decoder_name
+        stats = getattr(loader, "decode_stats", None)
         if stats is not None:
             r["decode"] = stats.as_dict()
     if decode_limit:
@@ -244,10 +247,11 @@ def bench_e2e(config: str, data: str, backend: str, steps: int, repeats: int, ov
                              "windows after a warm-up one (lower --repeats or data.batch_size)")
         ips, stall = _measure_steps(trainer, steps, repeats)
         decode = getattr(trainer.cfg.data, DECODER_KEY[backend]) if backend in DECODER_KEY else None
+        decoder = trainer.train_loader.decoder_name
     if not dist.is_main:  # rank 0 logs the global figures
         return {}
     s = _summary(ips)
-    return {"backend": backend, **({"decode": decode} if decode else {}), "config": Path(config).name,
+    return {"backend": backend, **({"decode": decode} if decode else {}), "decoder": decoder, "config": Path(config).name,
             "world_size": dist.world_size, "steps": steps, **s,
             "data_stall": float(np.median(stall)), "data_stall_max": float(max(stall)), "device": str(dist.device)}
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import atexit
 import os
 import weakref
-from typing import Generator, Iterator, NamedTuple
+from typing import Callable, Generator, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 from fastrsb.config import DataConfig
 from fastrsb.data import sampler
+from fastrsb.data.bad_samples import BadSamples, default_limit
 from fastrsb.data.sampler import epoch_samples, num_batches
 from fastrsb.dist import DistInfo
 
@@ -70,12 +71,16 @@ class SplitLoader:
         loader.set_resolution(px)    train crops' side from the next epoch on (progressive resizing)
         num_classes, num_samples     of the split (num_samples: before sharding and repeats)
         batch_size                   per process
+        decoder_name                 what decodes the images (library, version, where)
+        bad_samples                  the stored samples it could not decode (fastrsb.data.bad_samples: each is
+                                     replaced by another of its batch, named, counted)
 
     A backend implements `_epoch(plan)`: the epoch's EpochPlan (this rank's samples, their keys) -> a generator of
     Batches whose close() (at any position) returns promptly and leaves the backend ready for the next
     epoch (tests/test_no_hangs.py)."""
 
-    def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, num_samples: int, num_classes: int):
+    def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, num_samples: int, num_classes: int,
+                 describe_sample: Callable[[int], str] = "sample {}".format):
         self.cfg, self.split, self.dist = cfg, split, dist
         self.train = split == "train"
         self.num_samples, self.num_classes = num_samples, num_classes
@@ -85,7 +90,14 @@ class SplitLoader:
         self._running: Generator[Batch, None, None] | None = None  # the latest epoch's batches
         self.resolution = cfg.train_res if self.train else cfg.val_res
         self.workers = cfg.workers or default_workers(dist)
+        limit = default_limit(num_samples) if cfg.max_bad_samples is None else cfg.max_bad_samples
+        self.bad_samples = BadSamples(split, limit, describe_sample)
         _LOADERS.add(self)
+
+    @property
+    def decoder_name(self) -> str:
+        """What decodes this loader's images, for the run's first line and benchmark rows."""
+        raise NotImplementedError
 
     def _sampler_args(self, epoch: int, start_batch: int) -> dict:
         return dict(seed=self.cfg.seed, epoch=epoch, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -123,6 +135,7 @@ class SplitLoader:
         """The current epoch's batches from its resume offset on; the offset then goes back to 0 (set_epoch
         sets it for one epoch only)."""
         self.end_epoch()  # an epoch still held open by its caller ends before the next starts
+        self.bad_samples.start_pass()
         plan = self.plan()
         self.start_batch = 0
         self._running = self._epoch(plan)

@@ -5,16 +5,19 @@ pipeline code for both; device is a parameter. Train crops come from the one cro
 window, and every backend crops alike."""
 from __future__ import annotations
 
-import io
 import os
+from collections import deque
 from enum import Enum
 from typing import Iterator
 
 import numpy as np
 
+from dataprep.images import BadImage, load_rgb
 from dataprep.layout import DatasetError
+from fastrsb.data.bad_samples import NO_FRAME, replacement_sources
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
 from fastrsb.data.crops import crop_boxes
+from fastrsb.data.ffcv_decode import jpeg_frame_intact
 from fastrsb.data.staging import to_device
 
 from nvidia.dali import fn, pipeline_def, types
@@ -27,47 +30,73 @@ class ShardSource:
     each sample's crop window (anchor (y, x), shape (h, w)) and flip from the crop program.
 
     Reading is a few pread calls per batch (decode happens in DALI's threads) and the windows a compiled
-    loop over the batch, so it runs in the main process, where an epoch can change without a rebuild."""
+    loop over the batch, so it runs in the main process, where an epoch can change without a rebuild.
+
+    DALI cannot skip a sample it fails to decode: it raises and its pipeline is unusable, or (decoders.image on the
+    CPU, DALI 2.4, a JPEG whose start marker is gone) the process dies. So each sample is checked for its JPEG start
+    and frame header here first (a header walk), and the samples found undecodable, by that check or by DaliLoader
+    after a failure (`undecodable`), are replaced here, before DALI sees them, by another sample of their batch
+    with its window, flip and label (fastrsb.data.bad_samples). They are recorded when their batch is handed out
+    (`fed`: what each batch fed replaced), not when fed: DALI runs ahead into the next pass."""
 
     def __init__(self, info, batch_size: int, cfg, train: bool):
         self.info, self.batch_size, self.cfg, self.train = info, batch_size, cfg, train
         self.loc, self.labels = info.shard_locations(), info.labels
         self.sizes = info.image_sizes()  # checked here, before any work: the windows are placed by them
         self.fds = [os.open(p, os.O_RDONLY) for p in self.loc.tar_paths]
+        self.undecodable: dict[int, str] = {}  # sample index -> why, for good: the stored bytes do not change
+        self.fed: deque[tuple[np.ndarray, dict[int, str]]] = deque()  # per batch fed: its samples, those replaced
         self.plan: EpochPlan | None = None
         self.pos = 0
 
-    def start(self, plan: EpochPlan) -> None:
-        self.plan, self.pos = plan, 0
+    def start(self, plan: EpochPlan, pos: int = 0) -> None:
+        """Feed `plan` from sample position `pos` (a batch boundary) on; what was fed before is dropped."""
+        self.plan, self.pos = plan, pos
+        self.fed.clear()
+
+    def read(self, i: int) -> bytes:
+        return os.pread(self.fds[self.loc.shard[i]], int(self.loc.size[i]), int(self.loc.offset[i]))
 
     def __call__(self):
         if self.plan is None or self.pos >= len(self.plan.indices):
             raise StopIteration
         sel = slice(self.pos, self.pos + self.batch_size)
-        idx = self.plan.indices[sel]
+        idx, keys = self.plan.indices[sel], self.plan.keys[sel]
         self.pos += len(idx)
-        jpegs = [np.frombuffer(os.pread(self.fds[self.loc.shard[i]], int(self.loc.size[i]), int(self.loc.offset[i])),
-                               np.uint8) for i in idx]
+        jpegs = [np.frombuffer(self.read(i), np.uint8) for i in idx]
+        for i, jpeg in zip(idx.tolist(), jpegs):
+            if i not in self.undecodable and not jpeg_frame_intact(jpeg.ctypes.data, jpeg.size):
+                self.undecodable[i] = NO_FRAME
+        failed = {k: self.undecodable[i] for k, i in enumerate(idx.tolist()) if i in self.undecodable}
+        self.fed.append((idx, failed))
+        if failed:
+            src = replacement_sources(np.isin(idx, list(self.undecodable)))
+            idx, keys, jpegs = idx[src], keys[src], [jpegs[j] for j in src.tolist()]
         labels = [np.array([self.labels[i]], np.int32) for i in idx]
         if not self.train:
             return jpegs, labels
-        boxes, flips = crop_boxes(self.sizes[idx], self.plan.keys[sel], self.cfg.scale, self.cfg.ratio)
+        boxes, flips = crop_boxes(self.sizes[idx], keys, self.cfg.scale, self.cfg.ratio)
         windows = boxes.astype(np.float32)
         return jpegs, labels, list(windows[:, :2]), list(windows[:, 2:]), list(flips.astype(np.float32))
 
-    def sizes_disagreeing(self, start: int, stop: int) -> list[str]:
-        """The samples at positions start..stop of the epoch whose JPEG header disagrees with the size record."""
-        from PIL import Image
-
-        out = []
-        for i in self.plan.indices[max(0, start):stop]:
-            data = os.pread(self.fds[self.loc.shard[i]], int(self.loc.size[i]), int(self.loc.offset[i]))
-            with Image.open(io.BytesIO(data)) as im:
-                h, w = (int(v) for v in self.sizes[i])
-                if im.size != (w, h):
-                    out.append(f"{self.info.describe_sample(int(i))}: the JPEG is {im.height}x{im.width}, "
-                               f"{self.info.root / self.info.sizes} says {h}x{w}")
-        return out
+    def diagnose(self, start: int, stop: int) -> tuple[dict[int, str], list[str]]:
+        """What may have failed DALI among the samples fed at positions start..stop of the epoch: those the host
+        cannot decode either (index -> why; PIL's full decode, as verify does), and those whose JPEG disagrees with
+        the size record (a window outside its image)."""
+        undecodable, mismatched = {}, []
+        for i in self.plan.indices[max(0, start):stop].tolist():
+            if i in self.undecodable:
+                continue
+            try:
+                image = load_rgb(self.read(i))
+            except BadImage as e:
+                undecodable[i] = f"DALI's decoder failed on it; PIL: {e}"
+                continue
+            h, w = (int(v) for v in self.sizes[i])
+            if image.shape[:2] != (h, w):
+                mismatched.append(f"{self.info.describe_sample(i)}: the JPEG is {image.shape[0]}x{image.shape[1]}, "
+                                  f"{self.info.root / self.info.sizes} says {h}x{w}")
+        return undecodable, mismatched
 
     def close(self) -> None:
         for fd in self.fds:
@@ -83,7 +112,7 @@ class PipelineState(Enum):
 
 class DaliLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
-        super().__init__(cfg, split, dist, info.num_samples, num_classes)
+        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample)
         decode = cfg.dali_decode
         if decode == "auto":
             decode = "mixed" if dist.device.type == "cuda" else "cpu"
@@ -96,6 +125,12 @@ class DaliLoader(SplitLoader):
         self._iter: DALIGenericIterator | None = None
         self._state = PipelineState.IDLE
         self._primed: EpochPlan | None = None  # PRIMED: the epoch whose first batches are under way
+
+    @property
+    def decoder_name(self) -> str:
+        import nvidia.dali
+
+        return f"DALI {nvidia.dali.__version__} {self.decode} decode"
 
     def _build(self, res: int) -> DALIGenericIterator:
         cfg, train = self.cfg, self.train
@@ -150,23 +185,40 @@ class DaliLoader(SplitLoader):
         self._state, self._primed = PipelineState.RUNNING, None
         return to_device(self._outputs(), self.dist.device, self.cfg.prefetch)
 
+    def _recover(self, error: RuntimeError, delivered: int) -> None:
+        """After DALI failed a batch: the samples fed since the last batch handed out that the host cannot decode
+        either are undecodable (replaced from now on); the pipeline, unusable after a failure, is rebuilt and fed
+        again from the first batch not handed out. Nothing to blame: a size record that disagrees with its JPEG is
+        a DatasetError naming it, anything else DALI's own error."""
+        start = delivered * self.batch_size
+        undecodable, mismatched = self.source.diagnose(start, self.source.pos)
+        if not undecodable:
+            if mismatched:
+                raise DatasetError("; ".join(mismatched[:3]) + " (run `fastrsb verify`)") from error
+            raise error
+        self.source.undecodable.update(undecodable)
+        self.source.start(self.source.plan, start)
+        self._iter = None  # free the failed pipeline's threads and buffers first
+        self._iter = self._build(self._pipe_res)
+
     def _outputs(self):
         # With exec_dynamic the iterator wraps DALI's outputs with torch.from_dlpack, which passes torch's
         # current stream to DALI's __dlpack__; DALI makes that stream wait for its work (on a GPU: the
         # nvjpeg decode and resize), so the consumer reads finished batches, and the dynamic executor lets
         # us keep outputs for as long as we like (to_device holds `prefetch` of them).
         it = iter(self._iter)
+        delivered = 0  # batches of this epoch handed out
         while True:
             try:
                 out = next(it)
             except StopIteration:
                 break
-            except RuntimeError as e:  # a window outside its image: find which record is wrong
-                fed = self.source.pos
-                bad = self.source.sizes_disagreeing(fed - (self.cfg.prefetch + 2) * self.batch_size, fed)
-                if bad:
-                    raise DatasetError("; ".join(bad[:3]) + " (run `fastrsb verify`)") from e
-                raise
+            except RuntimeError as e:  # DALI failed a batch in flight: blame its samples, or raise
+                self._recover(e, delivered)
+                it = iter(self._iter)
+                continue
+            delivered += 1
+            self.bad_samples.record_batch(*self.source.fed.popleft())
             yield out[0]["images"], out[0]["labels"]
         self._state = PipelineState.IDLE
         # Run ahead into the next epoch as DALI's own readers do, so its first batches decode

@@ -264,6 +264,16 @@ def jpeg_mcu_size(address: int, size: int):
     return 0, 0
 
 
+@nb.njit(nogil=True, cache=True)
+def jpeg_frame_intact(address: int, size: int) -> bool:
+    """Whether the JPEG at address starts with its SOI marker and reaches a frame header through well-formed
+    markers: what a decoder needs before it can decode anything. Damage inside the entropy-coded data is not seen."""
+    if size < 4 or _load_u8(address) != 0xFF or _load_u8(address + 1) != 0xD8:
+        return False
+    mcu_w, _ = jpeg_mcu_size(address, size)
+    return mcu_w > 0
+
+
 @intrinsic
 def _load_u8(typingctx, address):
     """The byte at a raw address, as an int64."""

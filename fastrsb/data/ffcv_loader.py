@@ -18,10 +18,11 @@ from typing import Iterator
 import numba as nb
 import numpy as np
 
+from fastrsb.data.bad_samples import NO_FRAME, replace_rows
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
 from fastrsb.data.crops import flip_of, random_resized_crop
 from fastrsb.data.ffcv_decode import (
-    CROPPED, DCT_SHIFT_MASK, DECODE_ERROR, DONE, FALLBACK, center_crop_geometry, decode_into,
+    CROPPED, DCT_SHIFT_MASK, DECODE_ERROR, DONE, FALLBACK, center_crop_geometry, decode_into, jpeg_frame_intact,
 )
 from fastrsb.data.sampler import num_batches
 from fastrsb.data.staging import nhwc_to_batch
@@ -39,6 +40,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 
 _JPG = int(IMAGE_MODES["jpg"])
+_TURBOJPEG_FAILED = "TurboJPEG reported an error or a corrupt-data warning"
 # The columns of an EpochTable row, int64 each
 INDEX, KEY, OUTCOME = 0, 1, 2
 ROW_WIDTH = 3
@@ -161,6 +163,30 @@ class FastrsbDecoder(Operation):
         return decode
 
 
+class FrameCheck(Operation):
+    """With ffcv's own image decoders, which ignore TurboJPEG's return code: a second pipeline over the image field
+    that gives 1 per sample whose stored JPEG starts with its SOI marker and reaches a frame header (a raw image:
+    1), else 0, so the loader can replace what ffcv's decoder would make of it. A header walk, microseconds a
+    sample; damage inside the entropy-coded data goes unseen (fastrsb's decoder sees TurboJPEG's errors)."""
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=True, shape=(1,), dtype=np.dtype("u1")), \
+            AllocationQuery((1,), np.dtype("u1"))
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        jpg = _JPG
+
+        def check(batch_indices, destination, metadata, storage_state):
+            for k in range(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                data = mem_read(field["data_ptr"], storage_state)
+                destination[k, 0] = field["mode"] != jpg or jpeg_frame_intact(np.intp(data.ctypes.data), data.size)
+            return destination[:len(batch_indices)]
+
+        return check
+
+
 class DecodeStats:
     """How the epoch's images were decoded, from the outcomes the decoder records in the EpochTable."""
 
@@ -204,7 +230,7 @@ class SharedOrder(TraversalOrder):
 
 class FfcvLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
-        super().__init__(cfg, split, dist, info.num_samples, num_classes)
+        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample)
         self.uses_fastrsb_decoder = cfg.ffcv_decoder == "fastrsb"
         self.quasi_random = bool(cfg.ffcv_quasi_random and self.train)
         if self.quasi_random and (dist.world_size > 1 or cfg.num_repeats > 1):
@@ -247,10 +273,17 @@ class FfcvLoader(SplitLoader):
             image.append(ToDevice(dist.device, non_blocking=True))
             label.append(ToDevice(dist.device, non_blocking=True))
         image_pipeline = PipelineSpec("image", self.decoder, image) if self.uses_fastrsb_decoder else image
+        pipelines = {"image": image_pipeline, "label": label}
+        if not self.uses_fastrsb_decoder:  # its outputs come after the fields': (images, labels, intact)
+            pipelines["intact"] = PipelineSpec("image", FrameCheck())
         self.loader = FfcvLibraryLoader(str(info.beton_path), batch_size=self.batch_size, num_workers=self.workers,
                                         os_cache=cfg.ffcv_os_cache, order=order, seed=cfg.seed, drop_last=self.train,
                                         batches_ahead=cfg.ffcv_batches_ahead,
-                                        pipelines={"image": image_pipeline, "label": label})
+                                        pipelines=pipelines)
+
+    @property
+    def decoder_name(self) -> str:
+        return "fastrsb's ffcv decoder (TurboJPEG)" if self.uses_fastrsb_decoder else "ffcv's own decoders"
 
     def set_resolution(self, px: int) -> None:
         super().set_resolution(px)
@@ -269,7 +302,9 @@ class FfcvLoader(SplitLoader):
         if self.quasi_random and len(plan.indices) < self.epoch_length:  # resumed: the remaining length, other images
             it = islice(it, num_batches(len(plan.indices), self.batch_size, self.train))
         try:
-            for b, (images, labels) in enumerate(it):
+            for b, (images, labels, *intact) in enumerate(it):
+                first = b * self.batch_size
+                failed: dict[int, str] = {}
                 if self.decoder_reads_table:
                     outcomes = table.outcomes(b)
                     if not np.all(outcomes & DONE):
@@ -277,6 +312,12 @@ class FfcvLoader(SplitLoader):
                                            "it?): crops cannot be seeded; this ffcv version is not supported "
                                            "(use data.ffcv_decoder=ffcv)")
                     self.decode_stats.add(outcomes)
+                    failed = dict.fromkeys(np.flatnonzero(outcomes & DECODE_ERROR).tolist(), _TURBOJPEG_FAILED)
+                elif intact:
+                    failed = dict.fromkeys(np.flatnonzero(intact[0][:, 0] == 0).tolist(), NO_FRAME)
+                if failed:  # ffcv's buffers, on the host or (ToDevice) on the device: replaced in place
+                    src = self.bad_samples.replace(plan.indices[first:first + len(images)], failed)
+                    replace_rows(src, images, labels)
                 yield nhwc_to_batch(images, labels)
         finally:
             _stop_epoch(epoch)

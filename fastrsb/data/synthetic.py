@@ -25,6 +25,10 @@ class SyntheticLoader(SplitLoader):
         self._images: torch.Tensor | None = None  # (pool, res, res, 3) uint8
         self._labels: torch.Tensor | None = None  # (pool,) int64
 
+    @property
+    def decoder_name(self) -> str:
+        return "random images, nothing decoded"
+
     def _make_pool(self, res: int) -> None:
         dev = self.dist.device
         size = min(self.num_samples, self.MAX_POOL)

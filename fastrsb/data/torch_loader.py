@@ -13,11 +13,12 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from dataprep.layout import DatasetError
+from fastrsb.data.bad_samples import replacement_sources
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
 from fastrsb.data.crops import crop_boxes
 from fastrsb.data.staging import to_device
@@ -55,6 +56,15 @@ class ShardDataset(Dataset):
         return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
 
     def __getitem__(self, item: Item):
+        """(HWC uint8 image, label, None), or (None, label, why) when the stored JPEG cannot be decoded."""
+        try:
+            return self._decode(item), int(self.labels[item.index]), None
+        except UnidentifiedImageError:
+            return None, int(self.labels[item.index]), "PIL identifies no image format in it"
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors on damaged data
+            return None, int(self.labels[item.index]), f"PIL: {type(e).__name__}: {e}"
+
+    def _decode(self, item: Item) -> torch.Tensor:
         i, box, flip, res = item
         with Image.open(io.BytesIO(self.read(i))) as im:
             h, w = (int(v) for v in self.sizes[i])
@@ -69,7 +79,7 @@ class ShardDataset(Dataset):
                 img = im.resize((res, res), self.filter, box=(left, top, left + bw, top + bh))
                 if flip:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()), int(self.labels[i])
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
 
     def _val_transform(self, res: int) -> T.Compose:
         tf = self._val_transforms.get(res)
@@ -78,6 +88,16 @@ class ShardDataset(Dataset):
             tf = self._val_transforms[res] = T.Compose([T.Resize(math.floor(res / self.cfg.crop_pct), interpolation=interp),
                                                         T.CenterCrop(res)])
         return tf
+
+
+def collate_replacing_bad(samples: list) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+    """A worker's batch: (images, labels, {position: why} of the samples that could not be decoded), each of those
+    replaced by another sample of the batch (fastrsb.data.bad_samples)."""
+    failed = {k: why for k, (_, _, why) in enumerate(samples) if why is not None}
+    src = replacement_sources(np.array([why is not None for _, _, why in samples]))
+    images = torch.stack([samples[j][0] for j in src.tolist()])
+    labels = torch.tensor([samples[j][1] for j in src.tolist()], dtype=torch.int64)
+    return images, labels, failed
 
 
 class _EpochBatches:
@@ -130,15 +150,22 @@ def _stop_workers() -> None:
 
 class TorchLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
-        super().__init__(cfg, split, dist, info.num_samples, num_classes)
+        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample)
         self.dataset = ShardDataset(info, cfg, self.train)
         self.batch_sampler = _EpochBatches()
         # persistent workers, as timm's loader uses: no process start-up at every epoch
         self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.workers,
+                                 collate_fn=collate_replacing_bad,
                                  worker_init_fn=_ignore_stop_signals, pin_memory=dist.device.type == "cuda",
                                  persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
         _LIVE.add(self.loader)
         weakref.finalize(self, _shutdown_workers, self.loader).atexit = False  # at exit: _stop_workers
+
+    @property
+    def decoder_name(self) -> str:
+        import PIL
+
+        return f"PIL {PIL.__version__} in {self.workers} worker process(es)"
 
     def close(self) -> None:
         """Stop the persistent workers (they come back at the next epoch)."""
@@ -152,4 +179,12 @@ class TorchLoader(SplitLoader):
         else:
             items = [Item(int(i), None, False, res) for i in plan.indices]
         self.batch_sampler.batches = [items[k:k + bs] for k in range(0, len(items), bs)]
-        return to_device(self.loader, self.dist.device, self.cfg.prefetch)
+        return to_device(self._recorded(plan), self.dist.device, self.cfg.prefetch)
+
+    def _recorded(self, plan: EpochPlan):
+        """The DataLoader's batches, in order, their undecodable samples (already replaced) recorded."""
+        for b, (images, labels, failed) in enumerate(self.loader):
+            if failed:
+                first = b * self.batch_size
+                self.bad_samples.replace(plan.indices[first:first + len(images)], failed)
+            yield images, labels

@@ -1,10 +1,11 @@
-"""Put this folder first on PYTHONPATH to run Python as if ffcv and nvidia-dali were not installed.
+"""Put this folder first on PYTHONPATH to run Python as if ffcv, nvidia-dali and torchcodec were not installed.
 
-Used by tests/test_without_ffcv_dali.py and tests/test_device_check.py: the lent GPU machine has neither
-package, and fastrsb must still import, convert `--formats dali`, benchmark and train there.
+Used by tests/test_without_ffcv_dali.py and tests/test_device_check.py: the lent GPU machine has none of these
+packages, and fastrsb must still import, convert `--formats dali`, benchmark and train there (decoding on the
+device with torchvision).
 
-- Importing `ffcv`, `nvidia.dali` or any of their submodules raises ModuleNotFoundError, as for a package
-  that is not installed (`nvidia` itself stays importable: torch's CUDA libraries live under it).
+- Importing `ffcv`, `nvidia.dali`, `torchcodec` or any of their submodules raises ModuleNotFoundError, as for a
+  package that is not installed (`nvidia` itself stays importable: torch's CUDA libraries live under it).
 - At exit, a process in which either package was imported anyway (a blocker that stopped blocking, or an
   import behind its back) writes `[no_ffcv_dali] imported: ...` to stderr and exits 97.
 - FASTRSB_NO_FFCV_DALI=check: nothing is blocked, only the exit check runs (the test uses it to prove that
@@ -17,7 +18,7 @@ import atexit
 import os
 import sys
 
-BLOCKED = ("ffcv", "nvidia.dali")
+BLOCKED = ("ffcv", "nvidia.dali", "torchcodec")
 EXIT_STATUS = 97
 
 
