@@ -21,6 +21,8 @@ FFCV = ["ffcv==1.0.2", "opencv-python"]
 # DALI's wheel must match torch's CUDA major: the torch builds above are CUDA 13 (torch.version.cuda 13.0).
 # 2.4.0 is the release the tests ran; DALI deprecates and renames ops between minor releases.
 DALI = ["nvidia-dali-cuda130==2.4.0"]
+# The Hub's parquet shards (`fastrsb convert` of SRC/data/*.parquet); 26 is the release the tests ran.
+HUB = ["pyarrow>=26"]
 TEST = ["pytest", "pytest-timeout", "scikit-image"]
 
 setup(
@@ -31,6 +33,6 @@ setup(
     package_data={"": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"ffcv": FFCV, "dali": DALI, "test": TEST, "all": FFCV + DALI + TEST},
+    extras_require={"ffcv": FFCV, "dali": DALI, "hub": HUB, "test": TEST, "all": FFCV + DALI + HUB + TEST},
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )
