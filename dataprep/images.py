@@ -265,7 +265,11 @@ def prepare_image(source: str | Path | bytes, max_resolution: int, jpeg_quality:
 
 def decode_jpeg(data: bytes) -> np.ndarray:
     """Decode stored JPEG bytes (used by verify and the FFCV raw path)."""
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image (no decoder recognises it)") from None
+    with im:
         if im.format != "JPEG":
             raise BadImage(f"stored sample is {im.format}, not JPEG")
         im.load()

@@ -335,7 +335,8 @@ def _hub_files(root: Path, suffix: str) -> dict[str, list[Path]]:
     if not files:
         raise SourceError(f"{root}: no {suffix} files in it or in {root / 'data'}")
     if "train" not in files:
-        raise SourceError(f"{root}: no train{suffix[1:] and '-*' + suffix} file (found {', '.join(sorted(files))} only)")
+        raise SourceError(f"{root}: no train file (e.g. train-00000-of-00004{suffix}); found {', '.join(sorted(files))} "
+                          f"files only")
     return {split: files[split] for split in ("train", "val", "test") if split in files}
 
 
@@ -369,11 +370,8 @@ def _check_labels(labels: np.ndarray, num_classes: int, where, names_from: str) 
     if len(bad):
         k = int(bad[0])
         raise SourceError(f"{where(k)}: label {int(labels[k])} is outside the {num_classes} classes (expected 0.."
-                          f"{num_classes - 1} from {names_from}, or -1 for unlabeled){_and_more(len(bad))}")
-
-
-def _and_more(n: int) -> str:
-    return f" ({n - 1} more such record(s))" if n > 1 else ""
+                          f"{num_classes - 1} from {names_from}, or -1 for unlabeled)"
+                          + (f" ({len(bad) - 1} more such record(s))" if len(bad) > 1 else ""))
 
 
 def _split_records(records: dict[str, list[Record]], files: dict[str, list[Path]]) -> tuple[dict, dict]:

@@ -181,9 +181,9 @@ def verify(root: str | Path, quick: bool = False, log: Callable[[str], None] = p
         dali_crcs = _check_dali(split, labels, sizes, crcs, quick, rng, problems) if "dali" in ds.formats else {}
         if "ffcv" in ds.formats:
             _check_ffcv(split, labels, sizes, _beton_crc(m["settings"], crcs, dali_crcs), quick, rng, problems)
-        found = len(problems) - found_before
-        log(f"[verify] {name}: {s['num_samples']} samples "
-            f"{f'{found} problem(s)' if found else 'OK'} ({', '.join(ds.formats)}{', quick' if quick else ''})")
+        found = len({i for _, i, _ in problems[found_before:]})
+        log(f"[verify] {name}: {s['num_samples']} samples {f'checked, {found} damaged or mismatched' if found else 'OK'} "
+            f"({', '.join(ds.formats)}{', quick' if quick else ''})")
     if problems or damaged_files:
         samples = len({(name, i) for name, i, _ in problems})
         raise VerifyError(f"{ds.root}: {samples} damaged or mismatched sample(s) in {len(damaged_files)} damaged "
