@@ -448,7 +448,8 @@ def _scan_parquet(root: Path, files: dict[str, list[Path]], given: list[str] | N
         for path in paths:
             labels = labels_of[path]
             _check_labels(labels, len(classes), lambda k: f"{path} row {k}", names_from)
-            records.setdefault(split, []).extend(Record(str(path), int(label), row=row)
+            container = str(path)  # one string for all the file's records (ImageNet: 1.28M of them)
+            records.setdefault(split, []).extend(Record(container, label, row=row)
                                                  for row, label in enumerate(labels.tolist()))
     splits, unlabeled = _split_records(records, files)
     return Source("parquet", _describe("parquet shards", root, files, classes, names_from), classes, splits,
@@ -485,7 +486,7 @@ def _scan_tar(path: Path) -> tuple[list[Record], list[Skipped]]:
                     seen.append(member.name)
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: not a readable tar ({type(e).__name__}: {e})") from None
-    records, skipped = [], []
+    records, skipped, container = [], [], str(path)
     for key, parts in members.items():
         image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
         name = f"{path} member {key}"
@@ -503,7 +504,7 @@ def _scan_tar(path: Path) -> tuple[list[Record], list[Skipped]]:
         elif not re.fullmatch(rb"-?[0-9]+", text):
             skipped.append(Skipped(name, f".cls is not an integer label: {text[:20]!r}"))
         else:
-            records.append(Record(str(path), int(text), key=key, offset=image.offset_data, size=image.size))
+            records.append(Record(container, int(text), key=key, offset=image.offset_data, size=image.size))
     if not records and not skipped:
         raise SourceError(f"{path}: no WebDataset samples (expected KEY.jpg|jpeg|png|webp + KEY.cls members; "
                           f"its first members: {', '.join(seen) or 'none'})")
