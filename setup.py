@@ -25,6 +25,8 @@ DALI = ["nvidia-dali-cuda130==2.4.0"]
 # a torchcodec release is built for one torch minor (0.17 for 2.14): one that cannot load falls back to torchvision
 # with a warning (fastrsb/data/torch_device_decode.py). Its decode_jpeg arrived in 0.16.
 TORCHCODEC = ["torchcodec>=0.16"]
+# The Hub's parquet shards (`fastrsb convert` of SRC/data/*.parquet); 26 is the release the tests ran.
+HUB = ["pyarrow>=26"]
 TEST = ["pytest", "pytest-timeout", "scikit-image"]
 
 setup(
@@ -35,7 +37,7 @@ setup(
     package_data={"": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"ffcv": FFCV, "dali": DALI, "torchcodec": TORCHCODEC, "test": TEST,
-                    "all": FFCV + DALI + TORCHCODEC + TEST},
+    extras_require={"ffcv": FFCV, "dali": DALI, "torchcodec": TORCHCODEC, "hub": HUB, "test": TEST,
+                    "all": FFCV + DALI + TORCHCODEC + HUB + TEST},
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )

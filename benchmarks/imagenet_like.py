@@ -43,3 +43,86 @@ def make_imagenet_like(dest: str | Path, num_images: int, num_classes: int = 10,
             path.parent.mkdir(parents=True, exist_ok=True)
             img.resize((tw, th), Image.BILINEAR).save(path, format="JPEG", quality=quality)
     return dest
+
+
+# ---- the same images in the Hub's layouts ---------------------------------------------------------------------------
+# `fastrsb convert` reads the Hub's parquet shards and timm's WebDataset tars; these re-pack a class-folder tree into
+# both, so the three routes can be run (and compared) on the same images. Shards are shuffled, as the Hub's are.
+
+HUB_SPLITS = {"train": "train", "val": "validation"}
+
+
+def shuffled_records(tree: str | Path, seed: int = 0) -> dict[str, list[tuple[Path, int]]]:
+    """split -> [(image file, label)] of TREE/<split>/<class>/*, labels the sorted class folders' indices (the
+    folder route's), in a seeded random order."""
+    tree, rng = Path(tree), np.random.default_rng(seed)
+    classes = sorted(d.name for d in (tree / "train").iterdir() if d.is_dir())
+    out = {}
+    for split in HUB_SPLITS:
+        if not (tree / split).is_dir():
+            continue
+        records = [(p, c) for c, name in enumerate(classes)
+                   for p in sorted((tree / split / name).rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        out[split] = [records[k] for k in rng.permutation(len(records))]
+    return out
+
+
+def _hub_shards(records: list, count: int) -> list[list]:
+    return [records[k::count] for k in range(count)]
+
+
+def write_parquet_shards(dest: str | Path, records: dict[str, list[tuple[Path, int]]], classes: list[str] | None,
+                         files_per_split: int = 2, rows_per_group: int = 100) -> list[Path]:
+    """DEST/data/{train,validation}-NNNNN-of-NNNNN.parquet as the Hub's `datasets` writes them (pyarrow): columns
+    image {bytes, path} and label, the ClassLabel names (when given) in the schema's `huggingface` metadata, row
+    groups of rows_per_group (the Hub's image datasets use 100). Returns the files written."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {"image": {"_type": "Image"}, "label": {"dtype": "int64", "_type": "Value"}}
+    if classes is not None:
+        features["label"] = {"names": list(classes), "_type": "ClassLabel"}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+                       metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    written = []
+    for split, split_records in records.items():
+        shards = _hub_shards(split_records, files_per_split)
+        for k, shard in enumerate(shards):
+            path = Path(dest) / "data" / f"{HUB_SPLITS.get(split, split)}-{k:05d}-of-{len(shards):05d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table = pa.table({"image": [{"bytes": p.read_bytes(), "path": p.name} for p, _ in shard],
+                              "label": [label for _, label in shard]}, schema=schema)
+            pq.write_table(table, path, row_group_size=rows_per_group)
+            written.append(path)
+    return written
+
+
+def write_wds_shards(dest: str | Path, records: dict[str, list[tuple[Path, int]]], files_per_split: int = 2,
+                     prefix: str = "imagenet1k") -> list[Path]:
+    """DEST/<prefix>-{train,validation}-NNNN.tar as timm publishes them: per image KEY.jpg (KEY.webp/.png for those
+    formats) + KEY.cls (the label in ASCII) + KEY.json, written with tarfile. Returns the files written."""
+    import io
+    import json
+    import tarfile
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    written = []
+    for split, split_records in records.items():
+        for k, shard in enumerate(_hub_shards(split_records, files_per_split)):
+            path = Path(dest) / f"{prefix}-{HUB_SPLITS.get(split, split)}-{k:04d}.tar"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(path, "w") as tar:
+                for p, label in shard:
+                    key = p.stem.replace(".", "_")
+                    ext = {".webp": "webp", ".png": "png"}.get(p.suffix.lower(), "jpg")
+                    add(tar, f"{key}.{ext}", p.read_bytes())
+                    add(tar, f"{key}.cls", str(label).encode())
+                    add(tar, f"{key}.json", json.dumps({"filename": p.name, "label": label}).encode())
+            written.append(path)
+    return written

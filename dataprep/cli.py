@@ -15,7 +15,8 @@ def _convert(args: argparse.Namespace) -> int:
                         shard_size=args.shard_size, reencode=args.reencode)
     try:
         convert(args.src, args.out, settings, workers=args.workers, class_list=args.class_list,
-                val_ground_truth=args.val_ground_truth, val_id_mapping=args.val_id_mapping, strict=args.strict,
+                val_ground_truth=args.val_ground_truth, val_id_mapping=args.val_id_mapping,
+                source_format=args.source_format, strict=args.strict,
                 progress=not args.no_progress)
     except (ConversionError, SourceError) as e:
         print(f"fastrsb convert: error: {e}", file=sys.stderr)
@@ -43,12 +44,17 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert an image tree to FFCV .beton + DALI tar shards + manifest",
-                       description="Convert ImageNet (or any class-per-folder tree) to FFCV and DALI formats. "
+    p = sub.add_parser("convert", help="convert an image tree or Hub shards to FFCV .beton + DALI tar shards + manifest",
+                       description="Convert ImageNet (a class-per-folder tree, or the Hub's parquet or WebDataset "
+                       "shards) to FFCV and DALI formats. "
                        "Every image is decoded and checked first; undecodable files are skipped and reported. "
                        "JPEGs that need no change are stored as they are, the rest re-encoded. "
-                       "Re-running the same command resumes an interrupted conversion.")
-    p.add_argument("src", help="dataset root with train/ (and val/), or a single class-per-folder tree")
+                       "Re-running the same command resumes an interrupted conversion, and rewrites any output that no longer "
+                       "matches what was written.")
+    p.add_argument("src", help="dataset root with train/ (and val/), a single class-per-folder tree, or a folder of the "
+                   "Hub's parquet files (SRC/data/train-*.parquet) or WebDataset tars (SRC/*-train-*.tar)")
+    p.add_argument("--source-format", choices=["folder", "parquet", "wds"], default=None,
+                   help="the layout of SRC (default: detected, and named in the first line of output)")
     p.add_argument("out", help="output directory")
     p.add_argument("--formats", default="ffcv,dali", help="comma-separated: ffcv,dali (default both)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")

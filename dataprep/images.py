@@ -57,19 +57,23 @@ def fit_size(width: int, height: int, max_resolution: int) -> tuple[int, int]:
     return int(ratio * width), int(ratio * height)
 
 
-def read_source(path: str | Path) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise BadImage(f"unreadable: {e.strerror}") from e
+def read_source(source: str | Path | bytes) -> bytes:
+    """An input's bytes: a file's (read here), or those a source already read (a parquet row, a tar member)."""
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as e:
+            raise BadImage(f"unreadable: {e.strerror}") from e
     if not data:
-        raise BadImage("empty file (0 bytes)")
+        raise BadImage("empty (0 bytes)")
     return data
 
 
 def load_rgb(source: str | Path | bytes) -> np.ndarray:
     """Fully decode an image (a path or its bytes) as RGB uint8 HWC, or raise BadImage saying why."""
-    data = source if isinstance(source, bytes) else read_source(source)
+    data = read_source(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -238,10 +242,11 @@ def reencode_reason(data: bytes, max_resolution: int) -> str:
     return ""
 
 
-def prepare_image(path: str | Path, max_resolution: int, jpeg_quality: int, reencode: bool = False) -> PreparedImage:
-    """What to store for one source file, or raise BadImage. An eligible JPEG keeps its own bytes
-    (TurboJPEG decoded it fully), unless `reencode`; anything else is decoded by PIL and re-encoded."""
-    data = read_source(path)
+def prepare_image(source: str | Path | bytes, max_resolution: int, jpeg_quality: int,
+                  reencode: bool = False) -> PreparedImage:
+    """What to store for one input (a file's path or a record's bytes), or raise BadImage. An eligible JPEG keeps its
+    own bytes (TurboJPEG decoded it fully), unless `reencode`; anything else is decoded by PIL and re-encoded."""
+    data = read_source(source)
     reason = "--reencode" if reencode else reencode_reason(data, max_resolution)
     if not reason:
         header = jpeg_header(data)
@@ -260,7 +265,11 @@ def prepare_image(path: str | Path, max_resolution: int, jpeg_quality: int, reen
 
 def decode_jpeg(data: bytes) -> np.ndarray:
     """Decode stored JPEG bytes (used by verify and the FFCV raw path)."""
-    with Image.open(io.BytesIO(data)) as im:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image (no decoder recognises it)") from None
+    with im:
         if im.format != "JPEG":
             raise BadImage(f"stored sample is {im.format}, not JPEG")
         im.load()

@@ -4,12 +4,15 @@
     OUT/<split>.beton                 FFCV: fields image (RGBImageField) and label (IntField)
     OUT/dali/<split>-NNNNN.tar        WebDataset shard: <key>.jpg + <key>.cls (label as ASCII)
     OUT/dali/<split>-NNNNN.idx        DALI webdataset index (wds2idx v1.2 format)
-    OUT/<split>.samples.tsv           index, key, label, source path: which file each sample came from
+    OUT/<split>.samples.tsv           index, key, label, source record, crc32 of the stored JPEG (format 3)
+    OUT/<split>.labels.npy            int64 (num_samples,): each sample's label (format 3)
     OUT/<split>.sizes.npy             int32 (num_samples, 2): (height, width) of each stored JPEG (format 2)
 
-Sample i of a split is the same image in every format: the converter orders a split by
-(label, source path), so labels are `repeat(arange(C), per_class)`, and shard j holds the
-samples after those of shards < j.
+Sample i of a split is the same image in every format, and shard j holds the samples after those of
+shards < j. A folder source's split is ordered by (label, source path); a Hub source (parquet, WebDataset)
+keeps its own order, file by file and record by record, so labels are recorded per sample
+(<split>.labels.npy). A format-2 dataset (folder sources only) has no labels file: its labels are
+`repeat(arange(C), per_class)`.
 
 Every listed file is in the manifest's `files` with its byte size and sha256. The sizes are those
 of the JPEG as stored (after the converter's re-encode/resize to max_resolution), the same
@@ -22,13 +25,16 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: <split>.sizes.npy (stored height, width per sample)
+FORMAT_VERSION = 3  # 3: <split>.labels.npy (any sample order) and a crc32 per sample; 2: <split>.sizes.npy
+READABLE_FORMATS = (2, 3)  # what open_dataset reads; format 2's labels follow from per_class
+LISTING_COLUMNS = ("index", "key", "label", "source", "crc32")  # <split>.samples.tsv; format 2 has no crc32
 SPLITS = ("train", "val")
 
 
@@ -127,10 +133,34 @@ class SplitInfo:
     sizes: str | None = None  # relative path of <split>.sizes.npy
     listing: str | None = None  # relative path of <split>.samples.tsv
     max_resolution: int | None = None  # no stored side is longer (the converter's --max-resolution)
+    label_file: str | None = None  # relative path of <split>.labels.npy; None: a format-2 dataset
 
-    @property
+    @cached_property
     def labels(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.per_class), dtype=np.int64), self.per_class)
+        """int64 (num_samples,): sample i's label. Read from <split>.labels.npy (format 3) and checked against the
+        manifest's per-class counts; a format-2 dataset's samples are in label order."""
+        if self.label_file is None:
+            return np.repeat(np.arange(len(self.per_class), dtype=np.int64), self.per_class)
+        path = self.root / self.label_file
+        labels = self._load_array(path, "labels")
+        if labels.dtype.kind not in "iu" or labels.shape != (self.num_samples,):
+            raise DatasetError(f"{path}: holds a {labels.dtype} array of shape {labels.shape}, expected integer "
+                               f"({self.num_samples},): split '{self.name}' has {self.num_samples} samples")
+        bad = np.flatnonzero((labels < 0) | (labels >= len(self.per_class)))
+        if len(bad):
+            raise DatasetError(f"{path}: {self.describe_sample(int(bad[0]))} has label {int(labels[bad[0]])}, "
+                               f"outside the {len(self.per_class)} classes")
+        if np.bincount(labels, minlength=len(self.per_class)).tolist() != list(self.per_class):
+            raise DatasetError(f"{path}: its labels do not add up to the manifest's per-class counts of split "
+                               f"'{self.name}'")
+        return labels.astype(np.int64, copy=False)
+
+    def _load_array(self, path: Path, what: str) -> np.ndarray:
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DatasetError(f"{path}: not a readable .npy array of {what} ({e}); re-run `fastrsb convert` "
+                               f"into {self.root}") from None
 
     @property
     def beton_path(self) -> Path:
@@ -146,13 +176,9 @@ class SplitInfo:
         naming the file and, for a bad value, the sample."""
         if self.sizes is None:
             raise DatasetError(f"{self.root}: split '{self.name}' records no image sizes (a dataset older than "
-                               f"format {FORMAT_VERSION}); re-run `fastrsb convert` into {self.root}")
+                               f"format 2); re-run `fastrsb convert` into {self.root}")
         path = self.root / self.sizes
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise DatasetError(f"{path}: not a readable .npy array of image sizes ({e}); re-run `fastrsb convert` "
-                               f"into {self.root}") from None
+        arr = self._load_array(path, "image sizes")
         if arr.dtype.kind not in "iu" or arr.ndim != 2 or arr.shape[1] != 2:
             raise DatasetError(f"{path}: holds a {arr.dtype} array of shape {arr.shape}, expected integer "
                                f"(num_samples, 2) = (height, width) per sample")
@@ -169,25 +195,69 @@ class SplitInfo:
         return arr.astype(np.int32, copy=False)
 
     def describe_sample(self, i: int) -> str:
-        """'sample I (key K, in dali/train-00000.tar)' for error messages: the dataset index, its key and the
-        shard that holds it (reads one shard index, or the samples listing for an ffcv-only dataset)."""
-        where = ""
+        """'train sample 37 (source S; stored in dali/train-00002.tar as member 000000037.jpg at byte 19968, and in
+        train.beton)': the dataset index, the source record it came from (<split>.samples.tsv) and every file that
+        holds it, for messages about one sample. Reads one line of the listing (seeking by an index of its line
+        offsets, built on the first call: one pass over the file) and one shard's index; what cannot be read is
+        left out of the message, which still names the index."""
+        where = []
         try:
-            if self.shards:
-                start = 0
-                for sh in self.shards:
-                    if i < start + sh["num_samples"]:
-                        line = (self.root / sh["index"]).read_text().splitlines()[1 + i - start].split()
-                        key = line[line.index("jpg") + 3].rsplit(".", 1)[0]
-                        where = f" (key {key}, in {sh['tar']})"
-                        break
-                    start += sh["num_samples"]
-            elif self.listing is not None:
-                row = (self.root / self.listing).read_text().splitlines()[1 + i].split("\t")
-                where = f" (key {row[1]}, from {row[3]})"
+            where.append(f"source {self.listing_row(i)['source']}")
+        except (OSError, IndexError, ValueError, DatasetError):
+            pass
+        stored = []
+        try:
+            start = 0
+            for sh in self.shards:
+                if i < start + sh["num_samples"]:
+                    line = (self.root / sh["index"]).read_text().splitlines()[1 + i - start].split()
+                    at = line.index("jpg")
+                    stored.append(f"{sh['tar']} as member {line[at + 3]} at byte {line[at + 1]}")
+                    break
+                start += sh["num_samples"]
         except (OSError, IndexError, ValueError):
-            pass  # the message still names the index
-        return f"sample {i}{where}"
+            pass
+        if self.beton is not None:
+            stored.append(self.beton)
+        if stored:
+            where.append("stored in " + ", and in ".join(stored))
+        return f"{self.name} sample {i}" + (f" ({'; '.join(where)})" if where else "")
+
+    @cached_property
+    def _listing_line_starts(self) -> np.ndarray:
+        """Byte offset of every line of <split>.samples.tsv (the header's first), read in 16 MiB pieces: 10 MB for
+        ImageNet's 1.28M train samples, so finding a row is a seek."""
+        if self.listing is None:
+            raise DatasetError(f"{self.root}: split '{self.name}' has no samples listing")
+        starts, pos = [np.zeros(1, np.int64)], 0
+        with open(self.root / self.listing, "rb") as f:
+            while chunk := f.read(1 << 24):
+                starts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n")).astype(np.int64) + pos + 1)
+                pos += len(chunk)
+        return np.concatenate(starts)
+
+    def listing_row(self, i: int) -> dict[str, str]:
+        """Row i of <split>.samples.tsv as {column: value} (LISTING_COLUMNS; a format-2 listing has no crc32)."""
+        starts = self._listing_line_starts
+        if not 0 <= i < len(starts) - 2:
+            raise IndexError(f"{self.root / self.listing}: no row for sample {i}")
+        with open(self.root / self.listing, "rb") as f:
+            f.seek(int(starts[i + 1]))
+            return _listing_fields(f.readline().decode().rstrip("\n"))
+
+    def checksums(self) -> np.ndarray | None:
+        """uint32 (num_samples,): the crc32 of each stored JPEG as the converter wrote it (the shards' bytes, and the
+        .beton's in its jpg write mode); None for a format-2 dataset, whose listing has none."""
+        if self.listing is None:
+            return None
+        path = self.root / self.listing
+        with open(path, encoding="utf-8") as f:
+            if "crc32" not in f.readline().rstrip("\n").split("\t"):
+                return None
+            crcs = np.fromiter((int(_listing_fields(line.rstrip("\n"))["crc32"], 16) for line in f), np.uint32)
+        if len(crcs) != self.num_samples:
+            raise DatasetError(f"{path}: {len(crcs)} rows, split '{self.name}' has {self.num_samples} samples")
+        return crcs
 
     def shard_locations(self) -> ShardLocations:
         if not self.shards:
@@ -203,6 +273,13 @@ class SplitInfo:
                 offsets.append(e["jpg"][0])
                 sizes.append(e["jpg"][1])
         return ShardLocations(tars, np.asarray(shard_ids, np.int32), np.asarray(offsets, np.int64), np.asarray(sizes, np.int64))
+
+
+def _listing_fields(line: str) -> dict[str, str]:
+    """A row of <split>.samples.tsv by column; the source (a file name) is what lies between label and crc32."""
+    index, key, label, rest = line.split("\t", 3)
+    source, _, crc = rest.rpartition("\t") if rest.count("\t") else (rest, "", "")
+    return {"index": index, "key": key, "label": label, "source": source, "crc32": crc}
 
 
 @dataclass(frozen=True)
@@ -228,7 +305,8 @@ class ConvertedDataset:
             raise DatasetError(f"{self.root}: no split '{name}' (has: {', '.join(splits)})")
         s = splits[name]
         return SplitInfo(self.root, name, s["num_samples"], s["per_class"], s.get("dali_shards", []), s.get("ffcv"),
-                         s.get("sizes"), s.get("samples"), self.manifest.get("settings", {}).get("max_resolution"))
+                         s.get("sizes"), s.get("samples"), self.manifest.get("settings", {}).get("max_resolution"),
+                         s.get("labels"))
 
 
 def open_dataset(root: str | Path) -> ConvertedDataset:
@@ -244,7 +322,7 @@ def open_dataset(root: str | Path) -> ConvertedDataset:
     except json.JSONDecodeError as e:
         raise DatasetError(f"{mpath} is not valid JSON: {e}") from e
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise DatasetError(_version_message(root, mpath, manifest, version))
     for rel, meta in manifest.get("files", {}).items():
         p = root / rel
@@ -257,12 +335,13 @@ def open_dataset(root: str | Path) -> ConvertedDataset:
 
 def _version_message(root: Path, mpath: Path, manifest: dict, version) -> str:
     if isinstance(version, int) and version > FORMAT_VERSION:
-        return (f"{mpath}: dataset format {version} was written by a newer fastrsb; this one reads format "
-                f"{FORMAT_VERSION}: upgrade fastrsb, or re-run `fastrsb convert` with this one into a new directory")
+        return (f"{mpath}: dataset format {version} was written by a newer fastrsb; this one reads formats "
+                f"{' and '.join(map(str, READABLE_FORMATS))}: upgrade fastrsb, or re-run `fastrsb convert` with this one into a new directory")
     if not isinstance(version, int):
         return f"{mpath}: no format_version ({version!r}): not a manifest written by `fastrsb convert`"
-    return (f"{mpath}: dataset format {version}, this fastrsb reads format {FORMAT_VERSION} (which records every "
-            f"stored image's height and width, <split>.sizes.npy). Re-run the conversion into the same directory: "
+    return (f"{mpath}: dataset format {version}, this fastrsb reads formats {' and '.join(map(str, READABLE_FORMATS))} "
+            f"(which record every stored image's height and width, <split>.sizes.npy). Re-run the conversion into the "
+            f"same directory: "
             f"{convert_command(root, manifest)}. It rebuilds the dataset in place (nothing of the format-{version} "
             f"conversion is re-used), and a re-run that is interrupted resumes like any conversion")
 

@@ -150,8 +150,8 @@ def test_past_max_bad_samples_the_run_checkpoints_and_stops_naming_them(damaged_
     with pytest.raises(BadDataError) as e:
         tr.fit()  # in the main thread: fit() installs its signal handlers
     message = str(e.value)
-    assert re.search(rf"1 (train|val) sample\(s\) could not be decoded, more than data.max_bad_samples=0:\n  sample "
-                     rf"({BAD['train']}|{BAD['val']}) \(.*\): ", message), message
+    assert re.search(rf"1 (train|val) sample\(s\) could not be decoded, more than data.max_bad_samples=0:\n  "
+                     rf"(train sample {BAD['train']}|val sample {BAD['val']}) \(source .*\): ", message), message
     assert f"fastrsb verify {damaged_small}" in message and "rerun the `fastrsb convert` command" in message
     ckpts = list((tmp_path / "run" / "checkpoints").glob("*.pt"))
     assert len(ckpts) == 1  # the state at the stop, to resume from after the repair

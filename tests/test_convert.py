@@ -195,7 +195,7 @@ def test_verify_reaches_the_label_checks_with_a_tampered_label(messy, tmp_path):
         f.write(b"1")
     rehash(work, shard["tar"])
     for quick in (False, True):
-        with pytest.raises(VerifyError, match=r"train-00000.tar: sample 0 \(dataset index 0\) has label b'1', manifest order says 0"):
+        with pytest.raises(VerifyError, match=r"train-00000.tar: sample 0 \(dataset index 0\) has label b'1', train.labels.npy says 0"):
             verify(work, quick=quick, log=lambda s: None)
 
     # ffcv: the label column of val sample 0 in the beton's metadata table says class 2
@@ -212,7 +212,7 @@ def test_verify_reaches_the_label_checks_with_a_tampered_label(messy, tmp_path):
     del table
     rehash(work, "val.beton")
     for quick in (False, True):
-        with pytest.raises(VerifyError, match=r"val.beton: sample 0 has label 2, manifest order says 0"):
+        with pytest.raises(VerifyError, match=r"val.beton: sample 0 has label 2, val.labels.npy says 0"):
             verify(work, quick=quick, log=lambda s: None)
 
 
@@ -464,6 +464,12 @@ def _rehash(root: Path, rel: str) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest))
 
 
+def described(split: str, i: int, shard: str, key: str) -> str:
+    """A regex of SplitInfo.describe_sample(i) for a sample of the messy dataset (both formats)."""
+    return (rf"{split} sample {i} \(source [^;]+; stored in dali/{shard}\.tar as member {key}\.jpg at byte \d+, and in "
+            rf"{split}\.beton\)")
+
+
 def sizes_of(out: Path, split: str) -> list[list[int]]:
     return open_dataset(out).split(split).image_sizes().tolist()
 
@@ -539,7 +545,7 @@ def test_a_bad_size_record_is_a_dataset_error_naming_the_file_and_sample(messy, 
     for bad, match in [(good[:-1], r"train.sizes.npy: 18 image sizes, split 'train' has 19 samples"),
                        (good[:, :1], r"train.sizes.npy: holds a int32 array of shape \(19, 1\)"),
                        (np.where(np.arange(19)[:, None] == 7, [0, 80], good).astype(np.int32),
-                        r"train.sizes.npy: sample 7 \(key 000000008, in dali/train-00001.tar\) records height x width "
+                        rf"train.sizes.npy: {described('train', 7, 'train-00001', '000000008')} records height x width "
                         r"0x80 \(sides must be 1..256\)"),
                        (np.where(np.arange(19)[:, None] == 3, [64, 257], good).astype(np.int32), r"sample 3 .* 64x257")]:
         np.save(path, bad)
@@ -573,7 +579,7 @@ def test_verify_catches_a_tampered_size_record(messy, tmp_path):
     np.save(work / "train.sizes.npy", sizes)
     _rehash(work, "train.sizes.npy")
     for quick in (False, True):
-        with pytest.raises(VerifyError, match=rf"train.sizes.npy: sample 7 \(key 000000008, in dali/train-00001.tar\) "
+        with pytest.raises(VerifyError, match=rf"train.sizes.npy: {described('train', 7, 'train-00001', '000000008')} "
                                               rf"is {h}x{w} \(height x width\) as its JPEG decodes, the size record "
                                               rf"says {h + 1}x{w}"):
             verify(work, quick=quick, log=lambda s: None)
@@ -592,7 +598,7 @@ def test_verify_catches_a_tampered_size_record(messy, tmp_path):
     del table
     _rehash(work, "val.beton")
     for quick in (False, True):
-        with pytest.raises(VerifyError, match=rf"val.sizes.npy: sample 4 \(key 000000004, in dali/val-00000.tar\) is "
+        with pytest.raises(VerifyError, match=rf"val.sizes.npy: {described('val', 4, 'val-00000', '000000004')} is "
                                               rf"{h}x{w + 1} \(height x width\) in val.beton's metadata, the size "
                                               rf"record says {h}x{w}"):
             verify(work, quick=quick, log=lambda s: None)
@@ -621,7 +627,7 @@ def test_a_format_1_dataset_is_refused_and_rebuilt_in_place(tmp_path, monkeypatc
     assert len(old_sidecars) == 4  # 3 shards + the beton's
 
     command = f"fastrsb convert {src} {out} --max-resolution 80 --shard-size 5"
-    msg = (rf"{re.escape(str(out / MANIFEST))}: dataset format 1, this fastrsb reads format 2 .* Re-run the conversion "
+    msg = (rf"{re.escape(str(out / MANIFEST))}: dataset format 1, this fastrsb reads formats 2 and 3 .* Re-run the conversion "
            rf"into the same directory: `{re.escape(command)}`.* rebuilds the dataset in place")
     with pytest.raises(DatasetError, match=msg):
         open_dataset(out)
@@ -637,7 +643,7 @@ def test_a_format_1_dataset_is_refused_and_rebuilt_in_place(tmp_path, monkeypatc
     new_sidecars = {p.name: p.read_text() for p in (out / ".work").glob("*.json")}
     assert set(new_sidecars) == set(old_sidecars)
     assert all(new_sidecars[k] != old_sidecars[k] for k in old_sidecars)  # every fingerprint is format 2's
-    assert m["format_version"] == 2 and json.loads((out / MANIFEST).read_text())["format_version"] == 2
+    assert m["format_version"] == 3 and json.loads((out / MANIFEST).read_text())["format_version"] == 3
     verify(out, log=lambda s: None)
     clean = convert(src, tmp_path / "clean", settings, workers=1, progress=False, log=lambda s: None)
     assert m["splits"] == clean["splits"]
@@ -645,3 +651,137 @@ def test_a_format_1_dataset_is_refused_and_rebuilt_in_place(tmp_path, monkeypatc
         if not rel.endswith(".beton"):  # ffcv's page layout depends on worker timing
             assert m["files"][rel] == meta, rel
     assert open_dataset(out).split("train").image_sizes().tolist() == sizes_of(tmp_path / "clean", "train")
+
+
+# ---- per-sample checksums (format 3): verify names every damaged sample, a rerun repairs what was damaged ---------
+
+def _beton_sample(beton: Path, i: int) -> tuple[int, int]:
+    """(offset, size) of sample i's stored bytes in a .beton."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    ptr = int(reader.metadata[f"f{reader.field_names.index('image')}"]["data_ptr"][i])
+    return ptr, int(dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))[ptr])
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    """Change bytes in place, as a disk error would: the file keeps its size."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    assert path.stat().st_size == size
+
+
+def test_describe_sample_names_index_source_and_every_file_that_holds_it(messy):
+    from dataprep.layout import read_wds_index
+
+    src, out, m, truth = messy
+    info = open_dataset(out).split("val")
+    row = (out / "val.samples.tsv").read_text().splitlines()[1 + 4].split("\t")
+    jpg = read_wds_index(out / "dali" / "val-00000.idx")[4]["jpg"]
+    assert info.describe_sample(4) == (f"val sample 4 (source {row[3]}; stored in dali/val-00000.tar as member "
+                                       f"{row[1]}.jpg at byte {jpg[0]}, and in val.beton)")
+    assert row[3] == str(src / "val" / "dog" / "v_dog_1.JPEG")
+    assert info.listing_row(4) == dict(zip(("index", "key", "label", "source", "crc32"), row))
+
+
+def test_verify_names_every_damaged_sample_and_a_rerun_rewrites_only_the_damaged_outputs(messy, tmp_path):
+    """Two train samples' JPEG markers zeroed in their shards, one of them in train.beton too (sizes kept): verify
+    names each (index, source, shard member, .beton) and fails; rerunning the conversion rewrites those two shards and
+    train.beton only (the other outputs keep their modification times), and verify passes again."""
+    import shutil
+
+    src, out, m, truth = messy
+    work = tmp_path / "copy"
+    shutil.copytree(out, work)
+    info = open_dataset(work).split("train")
+    loc = info.shard_locations()
+    damaged = {3: "train-00000", 12: "train-00003"}
+    for i, stem in damaged.items():
+        assert loc.tar_paths[loc.shard[i]].name == f"{stem}.tar"
+        _overwrite(loc.tar_paths[loc.shard[i]], int(loc.offset[i]), b"\0" * 4)  # SOI and the APP0 marker
+    _overwrite(work / "train.beton", _beton_sample(work / "train.beton", 3)[0], b"\0" * 4)
+    with pytest.raises(VerifyError) as failed:
+        verify(work, log=lambda s: None)
+    report = str(failed.value)
+    assert "2 damaged or mismatched sample(s) in 3 damaged file(s)" in report
+    for i, stem in damaged.items():
+        key = info.listing_row(i)["key"]
+        where = described("train", i, stem, key)
+        assert re.search(rf"{where}: checksum differs in dali/{stem}\.tar", report), (i, report)
+        assert re.search(rf"{where}: does not decode from dali/{stem}\.tar", report), (i, report)
+        assert f"(source {info.listing_row(i)['source']};" in report
+    assert re.search(rf"{described('train', 3, 'train-00000', info.listing_row(3)['key'])}: checksum differs in "
+                     rf"train\.beton", report)
+    assert "train sample 12" not in report.split("train.beton")[0].rsplit("\n", 1)[-1]  # only sample 3 in the beton
+
+    outputs = sorted(p for p in work.rglob("*") if p.is_file() and ".work" not in p.parts)
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    logs: list[str] = []
+    convert(src, work, Settings(max_resolution=256, shard_size=5), workers=2, progress=False, log=logs.append)
+    rewritten = {str(p.relative_to(work)) for p in outputs if p.stat().st_mtime_ns != before[p]}
+    assert rewritten == {"dali/train-00000.tar", "dali/train-00000.idx", "dali/train-00003.tar",
+                         "dali/train-00003.idx", "train.beton", MANIFEST}, rewritten
+    assert sorted(line for line in logs if "rewriting" in line) == [
+        f"[convert] train: {rel} is not the file that was written (damaged or modified): rewriting it"
+        for rel in ("dali/train-00000.tar", "dali/train-00003.tar", "train.beton")]
+    verify(work, log=lambda s: None)
+    repaired = json.loads((work / MANIFEST).read_text())["files"]
+    assert {k: v for k, v in repaired.items() if not k.endswith(".beton")} == \
+           {k: v for k, v in m["files"].items() if not k.endswith(".beton")}
+
+
+def test_verify_checksums_catch_damage_that_still_decodes(messy, tmp_path):
+    """One flipped bit in the entropy-coded data of a stored JPEG: PIL still decodes it, the checksum does not match."""
+    import shutil
+
+    from dataprep.images import decode_jpeg
+
+    src, out, m, truth = messy
+    work = tmp_path / "copy"
+    shutil.copytree(out, work)
+    info = open_dataset(work).split("train")
+    loc = info.shard_locations()
+    i = int(np.argmax(loc.size))  # the largest stored JPEG: most entropy-coded data
+    tar = loc.tar_paths[loc.shard[i]]
+    with open(tar, "rb") as f:
+        f.seek(int(loc.offset[i]))
+        data = bytearray(f.read(int(loc.size[i])))
+    scan = data.index(b"\xff\xda") + 2 + int.from_bytes(data[data.index(b"\xff\xda") + 2:][:2], "big")
+    at = next(k for k in range((scan + len(data)) // 2, len(data) - 2)
+              if 0xFF not in (data[k - 1], data[k], data[k] ^ 0x10))
+    data[at] ^= 0x10
+    decode_jpeg(bytes(data))  # still decodes
+    _overwrite(tar, int(loc.offset[i]) + at, bytes(data[at:at + 1]))
+    with pytest.raises(VerifyError) as failed:
+        verify(work, log=lambda s: None)
+    report = str(failed.value)
+    assert re.search(rf"train sample {i} \(.*\): checksum differs in dali/{tar.stem}\.tar", report), report
+    assert "does not decode" not in report and "1 damaged or mismatched sample(s) in 1 damaged file(s)" in report
+
+
+def test_a_format_2_dataset_is_still_read(messy, tmp_path):
+    """Format 2 (a folder source in label order, no labels file, no checksums): open_dataset, the labels and verify
+    still work, with labels from the per-class counts."""
+    import shutil
+
+    from dataprep.layout import sha256_file
+
+    src, out, m, truth = messy
+    work = tmp_path / "v2"
+    shutil.copytree(out, work)
+    manifest = json.loads((work / MANIFEST).read_text())
+    manifest["format_version"] = 2
+    for split in ("train", "val"):
+        labels = open_dataset(out).split(split).labels
+        del manifest["splits"][split]["labels"], manifest["files"][f"{split}.labels.npy"]
+        (work / f"{split}.labels.npy").unlink()
+        listing = work / f"{split}.samples.tsv"
+        listing.write_text("".join(line.rsplit("\t", 1)[0] + "\n" for line in listing.read_text().splitlines()))
+        manifest["files"][listing.name] = {"size": listing.stat().st_size, "sha256": sha256_file(listing)}
+        (work / MANIFEST).write_text(json.dumps(manifest))
+        info_v2 = open_dataset(work).split(split)
+        assert info_v2.label_file is None and info_v2.checksums() is None
+        assert info_v2.labels.tolist() == labels.tolist()
+    verify(work, log=lambda s: None)

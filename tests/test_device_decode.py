@@ -83,7 +83,7 @@ def test_a_size_record_that_disagrees_with_its_jpeg_names_the_sample(small_datas
     sizes = np.load(data / "train.sizes.npy")
     sizes[:, 1] += 1
     np.save(data / "train.sizes.npy", sizes)
-    with pytest.raises(DatasetError, match=r"sample \d+ \(key \d+, in dali/train-\d+\.tar\): the JPEG is 90x120.* "
+    with pytest.raises(DatasetError, match=r"train sample \d+ \(source [^;]+; stored in dali/train-\d+\.tar as member \d+\.jpg at byte \d+, and in train\.beton\): the JPEG is 90x120.* "
                                            r"says 90x121"):
         collect(_loader(data, "device"))
 

@@ -38,7 +38,8 @@ def machine_info() -> dict:
         # 1/5/15-minute load when the result was written: other work on a shared machine shows here
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": sys.version.split()[0],
-        "versions": {n: _pkg(n) for n in ("fastrsb", "torch", "torchvision", "timm", "ffcv", "nvidia-dali-cuda130", "numpy", "numba", "pillow")},
+        "versions": {n: _pkg(n) for n in ("fastrsb", "torch", "torchvision", "timm", "ffcv", "nvidia-dali-cuda130",
+                                          "numpy", "numba", "pillow", "pyarrow")},
         "gpu": None,
     }
     try:

@@ -53,6 +53,7 @@ class BadSamples:
     was made)."""
 
     def __init__(self, split: str, limit: int, describe: Callable[[int], str]):
+        """describe: a sample index -> 'train sample 37 (source ...; stored in ...)' (SplitInfo.describe_sample)."""
         self.split, self.limit, self.describe = split, limit, describe
         self.reasons: dict[int, str] = {}  # sample index -> what its decoder said, first time seen
         self.in_pass: set[int] = set()
@@ -79,7 +80,7 @@ class BadSamples:
             return
         self.in_pass.add(index)
         self.reasons.setdefault(index, reason)
-        print(f"[data] {self.split} {self.describe(index)} could not be decoded ({reason}); replaced by another "
+        print(f"[data] {self.describe(index)} could not be decoded ({reason}); replaced by another "
               f"sample of its batch ({len(self.in_pass)} in this pass, {len(self.reasons)} in all, "
               f"data.max_bad_samples={self.limit})", file=sys.stderr, flush=True)
 

@@ -80,7 +80,7 @@ class SplitLoader:
     epoch (tests/test_no_hangs.py)."""
 
     def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, num_samples: int, num_classes: int,
-                 describe_sample: Callable[[int], str] = "sample {}".format):
+                 describe_sample: Callable[[int], str] | None = None):
         self.cfg, self.split, self.dist = cfg, split, dist
         self.train = split == "train"
         self.num_samples, self.num_classes = num_samples, num_classes
@@ -91,7 +91,7 @@ class SplitLoader:
         self.resolution = cfg.train_res if self.train else cfg.val_res
         self.workers = cfg.workers or default_workers(dist)
         limit = default_limit(num_samples) if cfg.max_bad_samples is None else cfg.max_bad_samples
-        self.bad_samples = BadSamples(split, limit, describe_sample)
+        self.bad_samples = BadSamples(split, limit, describe_sample or f"{split} sample {{}}".format)
         _LOADERS.add(self)
 
     @property
