@@ -12,7 +12,7 @@ def _convert(args: argparse.Namespace) -> int:
     settings = Settings(formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                         max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
                         compress_probability=args.compress_probability, smart_threshold=args.smart_threshold,
-                        shard_size=args.shard_size, reencode=args.reencode)
+                        shard_size=args.shard_size, reencode=args.reencode, shuffle_store=args.shuffle_store)
     try:
         convert(args.src, args.out, settings, workers=args.workers, class_list=args.class_list,
                 val_ground_truth=args.val_ground_truth, val_id_mapping=args.val_id_mapping,
@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compress-probability", type=float, default=0.5, help="FFCV 'proportion' mode: share stored as JPEG")
     p.add_argument("--smart-threshold", type=int, default=None, help="FFCV 'smart' mode: raw below this many bytes of pixels")
     p.add_argument("--shard-size", type=int, default=1024, help="candidate images per DALI shard / resume unit")
+    p.add_argument("--shuffle-store", action="store_true",
+                   help="store a class-folder tree's samples in a seeded random order instead of by label: what "
+                        "data.order=block needs to mix classes (the Hub's shards come shuffled)")
     p.add_argument("--class-list", default=None, help="file with one class name per line, in index order")
     p.add_argument("--val-ground-truth", default=None, help="flat val/: ILSVRC2012_validation_ground_truth.txt")
     p.add_argument("--val-id-mapping", default=None, help="flat val/: devkit meta.mat or 'ILSVRC2012_ID wnid' lines")

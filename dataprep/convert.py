@@ -77,6 +77,9 @@ class Settings:
     smart_threshold: int | None = None
     shard_size: int = 1024
     reencode: bool = False  # re-encode every image, even JPEGs that could be stored as they are
+    # store a class-folder source's samples in a seeded random order, not by (label, path): data.order=block reads
+    # the store in blocks of consecutive samples, which on a label-sorted store are a few classes each
+    shuffle_store: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "formats", tuple(self.formats))  # a list from a caller: hashable, and JSON alike
@@ -305,7 +308,15 @@ class _Converter:
             source_format=None) -> dict:
         """Scan the source, convert each split, account for the skipped inputs, then write the manifest."""
         source = self.source = scan_source(self.src, class_list, val_ground_truth, val_id_mapping, source_format)
-        self.log(f"[convert] source: {source.description}")
+        if self.settings.shuffle_store:
+            if source.layout != "folder":
+                raise ConversionError(f"--shuffle-store: a {source.layout} source is stored in its own order, which "
+                                      "reads its files in sequence (the Hub's shards come shuffled already)")
+            # one fixed seed: a rerun cuts the same shards and resumes
+            for split, records in source.splits.items():
+                source.splits[split] = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
+        self.log(f"[convert] source: {source.description}"
+                 + (", stored in a seeded random order" if self.settings.shuffle_store else ""))
         self._open_output()
         self.skipped.extend(source.unusable)
         started = time.time()

@@ -362,7 +362,7 @@ def convert_command(root: Path, manifest: dict) -> str:
         if value == f.default:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "reencode":
+        if value is True:  # a switch (--reencode, --shuffle-store)
             args.append(flag)
         else:
             args.append(f"{flag} {','.join(value) if f.name == 'formats' else value}")

@@ -33,6 +33,12 @@ class DataConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # resize after crop
     num_repeats: int = 1  # repeated augmentation (DeiT/timm RepeatAugSampler); 1 = off
+    # the train split's epoch order: random (a seeded permutation, timm's and torch's DistributedSampler's), or block
+    # (fastrsb.data.block_order: blocks of the store in random order through a sliding window, for stores larger
+    # than RAM; ffcv's QUASI_RANDOM, but distributed, with repeats and seeded crops)
+    order: Literal["random", "block"] = "random"
+    block_mb: float = 32.0  # data.order=block: stored bytes per block
+    window_blocks: int = 8  # data.order=block: blocks read at once, whose samples a batch mixes
     seed: int | None = None  # the sample order's and augmentation's seed; None: train.seed (one seed per run)
     prefetch: int = 4  # batches staged ahead of the consumer (DALI queue depth; cuda staging depth)
     # stored samples that cannot be decoded are replaced by another of their batch and named; past this many (per
@@ -44,7 +50,6 @@ class DataConfig:
     ffcv_decoder: Literal["fastrsb", "ffcv"] = "fastrsb"
     ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (else ffcv's process cache)
     ffcv_batches_ahead: int = 3
-    ffcv_quasi_random: bool = False  # only single-process; QUASI_RANDOM is not supported distributed
     dali_decode: Literal["auto", "cpu", "mixed"] = "auto"  # auto: mixed (nvjpeg) on cuda, cpu otherwise
     # torch backend: workers = PIL in DataLoader workers (the reference); device = batched decode on train.device
     # (nvjpeg on cuda, libjpeg-turbo on the cpu), crops and resize there too
@@ -265,6 +270,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
+# keys that are gone, and what replaces them
+REMOVED = {"data.ffcv_quasi_random": "data.order=block replaces it (it also runs distributed, with data.num_repeats, "
+                                     "on every backend, with seeded crops)"}
+
+
 def _build(cls: type, values: Any, prefix: str) -> Any:
     if values is None:
         values = {}
@@ -272,6 +282,10 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         raise ConfigError(f"config key '{prefix}': expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in REMOVED:
+            raise ConfigError(f"config key '{dotted}' was removed: {REMOVED[dotted]}")
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(
@@ -333,8 +347,8 @@ def validate(cfg: Any) -> None:
             resolve_randaugment_impl(a.randaugment_impl, t.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    _require(not (d.ffcv_quasi_random and d.num_repeats > 1),
-             "data.ffcv_quasi_random: ffcv's QUASI_RANDOM order cannot repeat samples (data.num_repeats > 1)")
+    _require(d.block_mb > 0, f"data.block_mb must be > 0, got {d.block_mb}")
+    _require(d.window_blocks >= 1, f"data.window_blocks must be >= 1, got {d.window_blocks}")
 
 
 def to_dict(cfg: Any) -> dict:

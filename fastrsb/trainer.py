@@ -18,7 +18,7 @@ import torch.distributed as tdist
 from timm.utils import ModelEmaV3
 
 from fastrsb.augment import BatchAugment
-from fastrsb.checkpoint import Checkpointer, NonFiniteState, code_version
+from fastrsb.checkpoint import CheckpointError, Checkpointer, NonFiniteState, code_version
 from fastrsb.config import to_dict
 from fastrsb.data import create_loader
 from fastrsb.data.bad_samples import BadDataError
@@ -137,12 +137,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        rng = rng_state()
-        if self.dist.distributed:  # every rank's RNG, so a resumed DDP run continues each stream
-            all_rng: list = [None] * self.dist.world_size
-            tdist.all_gather_object(all_rng, rng)
+        # every rank's random streams (its global RNGs, its RandAugment generator), so a resumed DDP run continues each
+        streams = {"rng": rng_state(), "augment": self.train_aug.state_dict()}
+        if self.dist.distributed:
+            every_rank: list = [None] * self.dist.world_size
+            tdist.all_gather_object(every_rank, streams)
         else:
-            all_rng = [rng]
+            every_rank = [streams]
         return {
             "model": self.raw_model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -150,8 +151,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
             "epoch_loss": [self.totals.loss, self.totals.steps],
-            "rng": all_rng,
-            "augment": self.train_aug.state_dict(),
+            "rng": [s["rng"] for s in every_rank],
+            "augment": [s["augment"] for s in every_rank],
             "config": to_dict(self.cfg),
             "code_version": code_version(),
             "world_size": self.dist.world_size,
@@ -159,6 +160,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_resumable(state)
         self.raw_model.load_state_dict(state["model"])
         if self.ema is not None:  # a run that turns EMA on at resume starts it from the loaded weights
             self.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
@@ -166,13 +168,32 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.totals = EpochTotals(*state.get("epoch_loss", [0.0, 0]))
-        rngs = state["rng"]
+        rngs, augment = state["rng"], state["augment"]
+        if isinstance(augment, dict):  # written before every rank's was kept: rank 0's
+            augment = [augment] * len(rngs)
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
-        elif self.dist.is_main:  # the sampler re-deals the epoch over the new ranks: not the same run
-            warnings.warn(f"checkpoint was written by {len(rngs)} process(es), resuming with {self.dist.world_size}: "
-                          "random streams restart and the mid-epoch sample split differs", stacklevel=2)
-        self.train_aug.load_state_dict(state["augment"])
+            self.train_aug.load_state_dict(augment[self.dist.rank])
+        elif self.dist.is_main:
+            warnings.warn(f"checkpoint was written by {len(rngs)} process(es), resuming with {self.dist.world_size} at "
+                          f"the same global batch ({self.global_batch}): the epoch goes on with exactly the samples and "
+                          "crops it had left, but each process's own random streams (Mixup/CutMix and RandAugment "
+                          "draws, dropout and drop-path masks) start from the new ranks' seeds, so the run does not "
+                          f"repeat bit for bit one that kept {len(rngs)} process(es)", stacklevel=2)
+
+    def _check_resumable(self, state: dict) -> None:
+        """A run stopped mid-epoch resumes on any world size at the global batch it had: the sampler deals each global
+        step the same samples whatever the world size (fastrsb.data.sampler.epoch_samples). At another global batch
+        the rest of the epoch would be other samples: refused, naming the batch to resume with."""
+        world = state.get("world_size", 1)
+        batch = state["config"]["data"]["batch_size"]
+        if state["batch_in_epoch"] and batch * world != self.global_batch:
+            raise CheckpointError(
+                f"the checkpoint stopped in the middle of epoch {state['epoch']} at a global batch of {batch * world} "
+                f"({world} process(es) x data.batch_size={batch}); this run's is {self.global_batch} "
+                f"({self.dist.world_size} x {self.cfg.data.batch_size}), with which the rest of the epoch would be other "
+                f"samples. Resume with data.batch_size={batch * world / self.dist.world_size:g} (a whole number is "
+                "needed), or from a checkpoint taken at an epoch's end")
 
     def resume(self, how: str) -> Path | None:
         """'auto': newest checkpoint in RUN_DIR that loads (corrupt ones skipped with a warning);

@@ -120,14 +120,6 @@ def test_abandoned_epochs_leak_nothing(coded_dataset, spec):
     assert after == before, f"{spec}: 20 more abandoned epochs left {before} -> {after}"
 
 
-def test_ffcv_quasi_random_order_runs_a_train_epoch(coded_dataset):
-    """ffcv's QUASI_RANDOM order hands fastrsb's decoder bare indices: unseeded crops, an epoch all the same."""
-    loader = create_loader(make_cfg(coded_dataset, "ffcv", ffcv_quasi_random=True), "train", DistInfo())
-    loader.set_epoch(0)
-    images = guarded("ffcv quasi-random: a train epoch", lambda: [b.images.clone() for b in loader])
-    assert len(images) == len(loader) and all(x.shape[0] == loader.batch_size for x in images)
-
-
 # the injected error ends ffcv's worker thread, as a real one would: pytest's report of that thread is expected
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_an_error_in_ffcvs_worker_thread_raises_instead_of_hanging(coded_dataset, monkeypatch):

@@ -47,7 +47,8 @@ def test_allowed_values_live_in_the_types(override, expect):
     (["progressive.enabled=true", "progressive.min_res=224", "progressive.max_res=160"], "progressive.min_res=224 >"),
     (["data.dali_decode=mixed", "train.device=cpu"], "data.dali_decode=mixed"),
     (["augment.randaugment_impl=numba", "train.device=cuda"], "augment.randaugment_impl=numba"),
-    (["data.ffcv_quasi_random=true", "data.num_repeats=3"], "data.ffcv_quasi_random"),
+    (["data.block_mb=0"], "data.block_mb must be > 0"),
+    (["data.window_blocks=0"], "data.window_blocks must be >= 1"),
     (["data.scale=[0.5,0.2]"], "data.scale"),
     (["data.batch_size=0"], "data.batch_size must be >= 1"),
 ])

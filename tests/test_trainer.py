@@ -483,7 +483,7 @@ def test_two_process_ddp_equals_one_process_and_fails_without_allreduce(tmp_path
     ckpts = list_checkpoints(out / "ddp" / "checkpoints")
     assert [load(c)["step"] for c in reversed(ckpts)] == [2, 4]
     state = load(ckpts[0])
-    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["world_size"] == 2 and len(state["rng"]) == len(state["augment"]) == 2
     assert state["rng"][0]["torch"].tolist() != state["rng"][1]["torch"].tolist()
 
 
@@ -603,3 +603,37 @@ def test_sweep_summarises_seeds(small_dataset, tmp_path):
     from PIL import Image
 
     assert Image.open(out / "sweep.png").size[0] > 300  # both seeds' curves (the plot's own test checks them)
+
+
+@pytest.mark.parametrize("order", ["random", "block"])
+def test_a_run_stopped_on_2_ranks_resumes_on_1_at_the_same_global_batch(tmp_path, order):
+    """2 gloo processes x batch 8 checkpoint in the middle of their epoch (step 2 of 4); 1 process x batch 16 resumes
+    from there and ends with the weights of 1 process x batch 16 run uninterrupted: at a constant global batch each
+    global step takes the same samples whatever the world size, in random and in block order. The resume says what
+    is not carried over (per-process random streams); at another global batch a mid-epoch resume is refused."""
+    from fastrsb.checkpoint import CheckpointError, list_checkpoints
+    from fastrsb.trainer import Trainer
+
+    blocks = ["data.order=block", "data.block_mb=0.012", "data.window_blocks=4"] if order == "block" else []
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastrsb", "train",
+           "--config", str(CONFIGS / "demo.yaml"), "--out", str(out), *[f"--{o}" for o in [*DDP, *blocks]],
+           f"--data.batch_size={DDP_BATCH}", "--train.epochs=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mid = next(p for p in list_checkpoints(out / "checkpoints") if p.name.endswith("_s000000002.pt"))
+    cfg = load_config(CONFIGS / "demo.yaml", [*DDP, *blocks, f"data.batch_size={2 * DDP_BATCH}", "train.epochs=1"])
+    one = Trainer(cfg, tmp_path / "resumed", DistInfo())
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\), resuming with 1 at the same global batch \(16\): "
+                                         r"the epoch goes on with exactly the samples and crops it had left"):
+        one.resume(str(mid))
+    assert (one.epoch, one.batch_in_epoch) == (0, 2)
+    one.fit()
+    reference, _ = _one_process_weights(tmp_path, *blocks, "train.epochs=1")
+    for k, v in reference.items():
+        torch.testing.assert_close(one.raw_model.state_dict()[k], v, **DDP_TOL, msg=k)
+    other = Trainer(load_config(CONFIGS / "demo.yaml", [*DDP, *blocks, f"data.batch_size={DDP_BATCH}",
+                                                         "train.epochs=1"]), tmp_path / "other", DistInfo())
+    with pytest.raises(CheckpointError, match=r"middle of epoch 0 at a global batch of 16 \(2 process\(es\) x "
+                                              r"data.batch_size=8\); this run's is 8 .* Resume with data.batch_size=16"):
+        other.resume(str(mid))

@@ -1,6 +1,10 @@
 """Loaders: one contract (fastrsb.data.base: Batch, SplitLoader), one sampler, four backends."""
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
+
 from dataprep.layout import open_dataset
 from fastrsb.config import DataConfig, allowed
 from fastrsb.data.base import Batch, SplitLoader
@@ -12,6 +16,16 @@ _EXTRA = {"ffcv": "ffcv", "dali": "dali"}
 
 class LoaderError(RuntimeError):
     """A loader cannot be built: unknown backend, missing library, missing or mismatched data."""
+
+
+def _warn_if_sorted_by_label(blocks, labels: np.ndarray, num_classes: int, path: str) -> None:
+    """Block order's batches mix the window's blocks; on a store in label order those are a few classes."""
+    if num_classes > 1 and np.all(np.diff(labels) >= 0):
+        window = blocks.window_blocks * blocks.block_samples
+        classes = min(num_classes, window / (len(labels) / num_classes) + 1)
+        warnings.warn(f"data.order=block on {path}, whose samples are stored in label order: a window of {window} "
+                      f"samples holds about {classes:.0f} of its {num_classes} classes, and so does every batch. "
+                      f"Convert with --shuffle-store (docs/data.md, block order)", stacklevel=3)
 
 
 def create_loader(cfg, split: str, dist: DistInfo) -> SplitLoader:
@@ -48,7 +62,10 @@ def create_loader(cfg, split: str, dist: DistInfo) -> SplitLoader:
         info = ds.split(split)
         if data.backend == "ffcv" and not info.beton_path.is_file():
             raise DatasetError(f"{info.beton_path} not found")
-        return cls(data, split, dist, info, ds.num_classes)
+        loader = cls(data, split, dist, info, ds.num_classes)
+        if loader.blocks is not None:
+            _warn_if_sorted_by_label(loader.blocks, info.labels, ds.num_classes, data.path)
+        return loader
     except DatasetError as e:
         raise LoaderError(f"backend {data.backend!r}, split {split!r}: {e}") from e
 

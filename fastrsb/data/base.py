@@ -13,6 +13,8 @@ import torch
 from fastrsb.config import DataConfig
 from fastrsb.data import sampler
 from fastrsb.data.bad_samples import BadSamples, default_limit
+from fastrsb.data.block_order import BlockLayout, block_layout, check_layout
+from fastrsb.data.page_cache import StoreExtents
 from fastrsb.data.sampler import epoch_samples, num_batches
 from fastrsb.dist import DistInfo
 
@@ -39,6 +41,12 @@ class EpochPlan(NamedTuple):
     epoch: int
     indices: np.ndarray  # int64: the dataset samples, in order
     keys: np.ndarray  # uint64: each one's augmentation key (sampler.augmentation_keys)
+    start_batch: int = 0  # the batch of the whole epoch that indices start at
+
+
+def shard_extents(loc) -> StoreExtents:
+    """A split's samples in its tar shards (SplitInfo.shard_locations)."""
+    return StoreExtents(loc.tar_paths, loc.shard, loc.offset, loc.size)
 
 
 def default_workers(dist: DistInfo) -> int:
@@ -74,13 +82,19 @@ class SplitLoader:
         decoder_name                 what decodes the images (library, version, where)
         bad_samples                  the stored samples it could not decode (fastrsb.data.bad_samples: each is
                                      replaced by another of its batch, named, counted)
+        blocks                       train under data.order=block: how the split is cut into blocks
+                                     (fastrsb.data.block_order); the pages of blocks every rank is done with
+                                     leave the page cache
+        store                        where its samples' bytes are (fastrsb.data.page_cache.StoreExtents)
 
     A backend implements `_epoch(plan)`: the epoch's EpochPlan (this rank's samples, their keys) -> a generator of
     Batches whose close() (at any position) returns promptly and leaves the backend ready for the next
     epoch (tests/test_no_hangs.py)."""
 
     def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, num_samples: int, num_classes: int,
-                 describe_sample: Callable[[int], str] | None = None):
+                 describe_sample: Callable[[int], str] | None = None, store: StoreExtents | None = None):
+        """describe_sample: SplitInfo.describe_sample of a stored split; store: where its samples' bytes are in the
+        files this backend reads (None: nothing stored, the synthetic backend)."""
         self.cfg, self.split, self.dist = cfg, split, dist
         self.train = split == "train"
         self.num_samples, self.num_classes = num_samples, num_classes
@@ -92,6 +106,14 @@ class SplitLoader:
         self.workers = cfg.workers or default_workers(dist)
         limit = default_limit(num_samples) if cfg.max_bad_samples is None else cfg.max_bad_samples
         self.bad_samples = BadSamples(split, limit, describe_sample or f"{split} sample {{}}".format)
+        self.store = store
+        self.blocks: BlockLayout | None = None
+        if self.train and cfg.order == "block":
+            # the samples' own bytes, the same in the .beton and the shards, so every backend cuts the same blocks; no
+            # store (synthetic): its uint8 images'
+            per_sample = store.total_bytes / num_samples if store is not None else 3 * self.resolution ** 2
+            self.blocks = block_layout(num_samples, per_sample, cfg.block_mb, cfg.window_blocks)
+            check_layout(self.blocks, dist.world_size, self.batch_size * dist.world_size, cfg.block_mb)
         _LOADERS.add(self)
 
     @property
@@ -102,14 +124,14 @@ class SplitLoader:
     def _sampler_args(self, epoch: int, start_batch: int) -> dict:
         return dict(seed=self.cfg.seed, epoch=epoch, rank=self.dist.rank, world_size=self.dist.world_size,
                     batch_size=self.batch_size, num_repeats=self.num_repeats, shuffle=self.train,
-                    drop_last=self.train, start_batch=start_batch)
+                    drop_last=self.train, start_batch=start_batch, blocks=self.blocks)
 
     def plan(self, epoch: int | None = None, start_batch: int | None = None) -> EpochPlan:
         """This rank's samples of an epoch (default: the current one, from its resume offset on) and their keys."""
         epoch = self.epoch if epoch is None else epoch
         start_batch = self.start_batch if start_batch is None else start_batch
         indices, copies = epoch_samples(self.num_samples, **self._sampler_args(epoch, start_batch))
-        return EpochPlan(epoch, indices, sampler.augmentation_keys(self.cfg.seed, epoch, indices, copies))
+        return EpochPlan(epoch, indices, sampler.augmentation_keys(self.cfg.seed, epoch, indices, copies), start_batch)
 
     def indices(self, epoch: int | None = None, start_batch: int | None = None) -> np.ndarray:
         return self.plan(epoch, start_batch).indices
@@ -139,7 +161,35 @@ class SplitLoader:
         plan = self.plan()
         self.start_batch = 0
         self._running = self._epoch(plan)
+        if self.blocks is not None and self.store is not None:
+            self._running = self._dropping_pages(self._running, plan, self.store)
         return self._running
+
+    # Blocks a rank is done with stay in the page cache this many steps longer: the other ranks may be a step behind
+    # (DDP keeps them within one), and what the loaders read ahead is for later steps, never earlier ones.
+    DROP_LAG = 2
+
+    def _dropping_pages(self, batches: Generator[Batch, None, None], plan: EpochPlan,
+                        extents: StoreExtents) -> Generator[Batch, None, None]:
+        """The epoch's batches; after each step, the page-cache pages of the store that only samples done DROP_LAG
+        steps ago use leave it (posix_fadvise), and at the epoch's end all it read: so a store's resident pages stay
+        near the window's, whatever its size (tests/test_block_order.py)."""
+        args = self._sampler_args(plan.epoch, 0)
+        block_done = sampler.block_finish_steps(self.blocks, **{k: args[k] for k in (
+            "seed", "epoch", "world_size", "batch_size", "num_repeats", "drop_last")})
+        schedule = extents.chunk_schedule(block_done[self.blocks.block_of(np.arange(self.num_samples))])
+        dropped = [int(np.searchsorted(steps, plan.start_batch - self.DROP_LAG)) for _, steps in schedule]
+        extents.read_at_random()  # before the backend's epoch starts reading
+        try:
+            for step, batch in enumerate(batches, start=plan.start_batch):
+                yield batch
+                for f, (chunks, steps) in enumerate(schedule):
+                    upto = int(np.searchsorted(steps, step - self.DROP_LAG, side="right"))
+                    extents.drop_chunks(f, chunks[dropped[f]:upto])
+                    dropped[f] = upto
+            extents.drop_all()
+        finally:
+            batches.close()
 
     def end_epoch(self) -> None:
         """End the running epoch, if any, as its caller's close() would: its threads and workers stop."""

@@ -49,7 +49,7 @@ class BlockLayout(NamedTuple):
 def block_layout(num_samples: int, mean_sample_bytes: float, block_mb: float, window_blocks: int) -> BlockLayout:
     """Blocks of about block_mb of stored bytes (at least one sample each)."""
     block_samples = max(1, int(block_mb * 2 ** 20 / max(mean_sample_bytes, 1.0)))
-    return BlockLayout(num_samples, min(block_samples, num_samples), window_blocks)
+    return BlockLayout(num_samples, block_samples, window_blocks)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -92,7 +92,7 @@ def _block_order(num_samples: int, block_samples: int, window_blocks: int, key, 
 def block_order(layout: BlockLayout, seed: int, epoch: int) -> np.ndarray:
     """The epoch's order of all samples (int64), a pure function of (layout, seed, epoch)."""
     out = np.empty(layout.num_samples, np.int64)
-    key = mix64(np.uint64(derive_seed(seed, epoch, "block order")))
+    key = np.uint64(mix64(np.uint64(derive_seed(seed, epoch, "block order"))))  # numba hands back a Python int
     _block_order(layout.num_samples, layout.block_samples, layout.window_blocks, key, out)
     return out
 

@@ -13,11 +13,12 @@ from typing import Iterator
 import numpy as np
 
 from dataprep.images import BadImage, load_rgb
-from dataprep.layout import DatasetError
+from dataprep.layout import DatasetError, ShardLocations
 from fastrsb.data.bad_samples import NO_FRAME, replacement_sources
-from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
+from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader, shard_extents
 from fastrsb.data.crops import crop_boxes
 from fastrsb.data.ffcv_decode import jpeg_frame_intact
+from fastrsb.data.page_cache import open_for_blocks
 from fastrsb.data.staging import to_device
 
 from nvidia.dali import fn, pipeline_def, types
@@ -39,11 +40,11 @@ class ShardSource:
     with its window, flip and label (fastrsb.data.bad_samples). They are recorded when their batch is handed out
     (`fed`: what each batch fed replaced), not when fed: DALI runs ahead into the next pass."""
 
-    def __init__(self, info, batch_size: int, cfg, train: bool):
+    def __init__(self, info, batch_size: int, cfg, train: bool, loc: ShardLocations):
         self.info, self.batch_size, self.cfg, self.train = info, batch_size, cfg, train
-        self.loc, self.labels = info.shard_locations(), info.labels
+        self.loc, self.labels = loc, info.labels
         self.sizes = info.image_sizes()  # checked here, before any work: the windows are placed by them
-        self.fds = [os.open(p, os.O_RDONLY) for p in self.loc.tar_paths]
+        self.fds = [open_for_blocks(p, train and cfg.order == "block") for p in self.loc.tar_paths]
         self.undecodable: dict[int, str] = {}  # sample index -> why, for good: the stored bytes do not change
         self.fed: deque[tuple[np.ndarray, dict[int, str]]] = deque()  # per batch fed: its samples, those replaced
         self.plan: EpochPlan | None = None
@@ -112,7 +113,8 @@ class PipelineState(Enum):
 
 class DaliLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
-        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample)
+        loc = info.shard_locations()
+        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample, shard_extents(loc))
         decode = cfg.dali_decode
         if decode == "auto":
             decode = "mixed" if dist.device.type == "cuda" else "cpu"
@@ -120,7 +122,7 @@ class DaliLoader(SplitLoader):
             raise ValueError("data.dali_decode=mixed needs a cuda device; this run is on the cpu")
         self.decode = decode
         self.device_id = dist.device.index if dist.device.type == "cuda" else None
-        self.source = ShardSource(info, self.batch_size, cfg, self.train)
+        self.source = ShardSource(info, self.batch_size, cfg, self.train, loc)
         self._pipe_res: int | None = None
         self._iter: DALIGenericIterator | None = None
         self._state = PipelineState.IDLE

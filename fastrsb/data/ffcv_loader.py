@@ -11,8 +11,8 @@ from __future__ import annotations
 import ctypes
 import math
 import queue
+from pathlib import Path
 from dataclasses import replace
-from itertools import islice
 from typing import Iterator
 
 import numba as nb
@@ -20,18 +20,17 @@ import numpy as np
 
 from fastrsb.data.bad_samples import NO_FRAME, replace_rows
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
+from fastrsb.data.page_cache import StoreExtents
 from fastrsb.data.crops import flip_of, random_resized_crop
 from fastrsb.data.ffcv_decode import (
     CROPPED, DCT_SHIFT_MASK, DECODE_ERROR, DONE, FALLBACK, center_crop_geometry, decode_into, jpeg_frame_intact,
 )
-from fastrsb.data.sampler import num_batches
 from fastrsb.data.staging import nhwc_to_batch
 
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import lib as ffcv_lib
 from ffcv.loader import Loader as FfcvLibraryLoader
-from ffcv.loader import OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -50,12 +49,6 @@ ROW_BYTES = ROW_WIDTH * np.dtype(np.int64).itemsize
 # libffcv's imdecode (TurboJPEG, thread-local handles), called by address from the compiled decoder
 IMDECODE = ctypes.cast(ffcv_lib.imdecode, ctypes.c_void_p).value
 _decode_into = decode_into.ctypes
-
-
-@nb.njit(nogil=True)
-def _unseeded_key() -> np.int64:
-    """For ffcv's own QUASI_RANDOM order, which hands the decoder bare indices (no keys)."""
-    return np.random.randint(0, 2 ** 62)  # numba's randint takes a range that fits in int64
 
 
 class EpochTable:
@@ -104,14 +97,13 @@ class FastrsbDecoder(Operation):
     Resize(res / crop_pct) + CenterCrop(res); both decode only what the box needs and resize with
     Pillow's filter (`interpolation`: a data.interpolation value).
 
-    reads_table: the batches are views of a keyed EpochTable's order (SharedOrder): each sample's key
-    comes from its row and its outcome goes there. Otherwise (ffcv's QUASI_RANDOM order: bare indices)
-    train crops are unseeded and nothing is recorded."""
+    The batches are views of a keyed EpochTable's order (SharedOrder): each sample's key comes from its row and
+    its outcome goes there."""
 
     def __init__(self, output_size: tuple[int, int], train: bool, interpolation: str, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875, *, reads_table: bool):
+                 ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875):
         super().__init__()
-        self.output_size, self.train, self.reads_table = tuple(output_size), train, reads_table
+        self.output_size, self.train = tuple(output_size), train
         self.bicubic = FILTERS[interpolation]["pillow"] == "BICUBIC"
         self.scale, self.ratio, self.crop_pct = tuple(scale), tuple(ratio), crop_pct
 
@@ -123,7 +115,7 @@ class FastrsbDecoder(Operation):
     def generate_code(self):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        train, bicubic, reads_table = self.train, self.bicubic, self.reads_table
+        train, bicubic = self.train, self.bicubic
         out_h, out_w = self.output_size
         scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
         log_ratio_lo, log_ratio_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
@@ -131,17 +123,15 @@ class FastrsbDecoder(Operation):
         jpg, imdecode = _JPG, IMDECODE
 
         def decode(batch_indices, destination, metadata, storage_state):
-            # reads_table is a constant of this compile: numba drops the branches of the other case
-            if reads_table:
-                if batch_indices.strides[0] != ROW_BYTES:  # not a view of the table: decode and record nothing,
-                    return destination[:len(batch_indices)]  # which FfcvLoader reports
-                rows = table_rows(batch_indices)
+            if batch_indices.strides[0] != ROW_BYTES:  # not a view of the table: decode and record nothing,
+                return destination[:len(batch_indices)]  # which FfcvLoader reports
+            rows = table_rows(batch_indices)
             for k in my_range(len(batch_indices)):
                 field = metadata[batch_indices[k]]
                 data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.int64(field["height"]), np.int64(field["width"])
                 if train:
-                    key = rows[k, KEY] if reads_table else _unseeded_key()
+                    key = rows[k, KEY]
                     top, left, h, w = random_resized_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
                                                           np.uint64(key))
                     x_in0, x_scale, x_offset = float(left), w / out_w, 0.0
@@ -155,8 +145,7 @@ class FastrsbDecoder(Operation):
                 outcome = _decode_into(imdecode, np.intp(data.ctypes.data), data.size, field["mode"] == jpg, height,
                                        width, x_in0, x_scale, x_offset, y_in0, y_scale, y_offset, bicubic, flip,
                                        np.intp(out.ctypes.data), out_h, out_w)
-                if reads_table:
-                    rows[k, OUTCOME] = outcome
+                rows[k, OUTCOME] = outcome
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -228,34 +217,35 @@ class SharedOrder(TraversalOrder):
         return self.table.order
 
 
+def beton_extents(path: Path, mapped) -> StoreExtents:
+    """Each sample's JPEG bytes in a .beton: its data pointer and the size of its allocation there (ffcv's Reader:
+    the metadata and allocation table)."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    pointers = np.asarray(reader.metadata[f"f{reader.field_names.index('image')}"]["data_ptr"], np.int64)
+    table = np.sort(reader.alloc_table, order="ptr")
+    sizes = np.asarray(table["size"], np.int64)[np.searchsorted(table["ptr"], pointers)]
+    return StoreExtents([path], np.zeros(len(pointers), np.int32), pointers, sizes, mapped=mapped)
+
+
 class FfcvLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
-        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample)
+        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample,
+                         beton_extents(info.beton_path, mapped=lambda: self._store_map()))
         self.uses_fastrsb_decoder = cfg.ffcv_decoder == "fastrsb"
-        self.quasi_random = bool(cfg.ffcv_quasi_random and self.train)
-        if self.quasi_random and (dist.world_size > 1 or cfg.num_repeats > 1):
-            raise ValueError("data.ffcv_quasi_random: ffcv's QUASI_RANDOM order supports neither distributed runs "
-                             "nor repeated augmentation (data.num_repeats)")
-        # fastrsb's decoder in the shared order: keys and outcomes travel in the epoch table
-        self.decoder_reads_table = self.uses_fastrsb_decoder and not self.quasi_random
         self.decode_stats = DecodeStats()
-        if self.quasi_random:
-            # memory-friendly order for datasets larger than RAM. It bypasses the shared order: the
-            # other backends see other images, a resumed epoch has the right length, not the same
-            # images, and the crops are not seeded (ffcv hands the decoder bare indices)
-            self.epoch_table, order = None, OrderOption.QUASI_RANDOM
-        else:
-            self.epoch_table = EpochTable(self.batch_size, keyed=self.decoder_reads_table)
-            # A whole epoch is installed before ffcv's Loader is built: its __init__ asks the order for
-            # pass 0 (Loader.first_traversal_order) and keeps that array's length as len(loader) for good;
-            # each pass is then cut to len(loader) * batch_size, so an empty order here would empty them all.
-            plan = self.plan(0, 0)
-            self.epoch_table.start(plan.indices, plan.keys)
-            order = SharedOrder(self.epoch_table)
+        # fastrsb's decoder: keys and outcomes travel in the epoch table
+        self.epoch_table = EpochTable(self.batch_size, keyed=self.uses_fastrsb_decoder)
+        # A whole epoch is installed before ffcv's Loader is built: its __init__ asks the order for
+        # pass 0 (Loader.first_traversal_order) and keeps that array's length as len(loader) for good;
+        # each pass is then cut to len(loader) * batch_size, so an empty order here would empty them all.
+        plan = self.plan(0, 0)
+        self.epoch_table.start(plan.indices, plan.keys)
+        order = SharedOrder(self.epoch_table)
         res = self.resolution
         if self.uses_fastrsb_decoder:
-            self.decoder = FastrsbDecoder((res, res), self.train, cfg.interpolation, cfg.scale, cfg.ratio, cfg.crop_pct,
-                                          reads_table=self.decoder_reads_table)
+            self.decoder = FastrsbDecoder((res, res), self.train, cfg.interpolation, cfg.scale, cfg.ratio, cfg.crop_pct)
             image = [ToTensor()]
         elif self.train:
             self.decoder = RandomResizedCropRGBImageDecoder((res, res), scale=tuple(cfg.scale), ratio=tuple(cfg.ratio))
@@ -285,6 +275,17 @@ class FfcvLoader(SplitLoader):
     def decoder_name(self) -> str:
         return "fastrsb's ffcv decoder (TurboJPEG)" if self.uses_fastrsb_decoder else "ffcv's own decoders"
 
+    def _store_map(self):
+        """ffcv's own map of the .beton (os_cache=true: its OSCacheContext's np.memmap, which it makes when the first
+        epoch starts; made here if that is yet to come, so it can be advised before anything is read), or None with
+        ffcv's process cache, which reads into memory of its own."""
+        context = getattr(self.loader.memory_manager, "context", None)
+        if context is None:
+            return None
+        if context.mmap is None:
+            context.__enter__()  # what ffcv's EpochIterator does first; it makes the map only if there is none
+        return context.mmap._mmap
+
     def set_resolution(self, px: int) -> None:
         super().set_resolution(px)
         if self.decoder.output_size != (px, px):
@@ -293,19 +294,15 @@ class FfcvLoader(SplitLoader):
 
     def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
         table = self.epoch_table
-        if table is not None:
-            table.start(plan.indices, plan.keys)
+        table.start(plan.indices, plan.keys)
         epoch = iter(self.loader)
         epoch.output_queue = _WatchedQueue(epoch.output_queue, epoch)
         self.loader.recompile = False
-        it = epoch
-        if self.quasi_random and len(plan.indices) < self.epoch_length:  # resumed: the remaining length, other images
-            it = islice(it, num_batches(len(plan.indices), self.batch_size, self.train))
         try:
-            for b, (images, labels, *intact) in enumerate(it):
+            for b, (images, labels, *intact) in enumerate(epoch):
                 first = b * self.batch_size
                 failed: dict[int, str] = {}
-                if self.decoder_reads_table:
+                if self.uses_fastrsb_decoder:
                     outcomes = table.outcomes(b)
                     if not np.all(outcomes & DONE):
                         raise RuntimeError("fastrsb's ffcv decoder did not receive the keyed sample order (ffcv copied "

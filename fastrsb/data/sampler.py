@@ -13,13 +13,16 @@ import math
 import numpy as np
 import torch
 
+from fastrsb.data.block_order import BlockLayout, block_order
 from fastrsb.data.crops import mix64
 from fastrsb.seeding import derive_seed
 
 
-def _permutation(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+def _permutation(num_samples: int, seed: int, epoch: int, shuffle: bool, blocks: BlockLayout | None) -> np.ndarray:
     if not shuffle:
         return np.arange(num_samples, dtype=np.int64)
+    if blocks is not None:
+        return block_order(blocks, seed, epoch)
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, epoch))  # seed 0 -> timm's / torch's manual_seed(epoch)
     return torch.randperm(num_samples, generator=g).numpy()
@@ -37,24 +40,27 @@ def repeat_aug_length(num_samples: int, world_size: int, num_repeats: int, selec
 
 
 def epoch_samples(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True,
-                  start_batch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0,
+                  blocks: BlockLayout | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, copies): this rank's sample indices for the epoch from batch `start_batch` on, and
     which copy of its image each one is (0 .. num_repeats - 1, counted in the epoch's global order;
     a copy that wraps around to pad the epoch counts on from num_repeats).
 
-    Train (shuffle, drop_last): a seeded permutation, sharded across ranks, cut to whole batches.
+    Train (shuffle, drop_last): a seeded permutation (or, with `blocks`, the block order of
+    fastrsb.data.block_order), sharded across ranks, cut to whole batches.
     With num_repeats > 1 every image appears num_repeats times in a row in the global order and
     the copies are dealt to consecutive ranks, so they land on different ranks.
     Val (shuffle=False, drop_last=False): every sample exactly once across ranks, no padding.
     A copy is the same (image, copy) pair whatever the world size, which is what lets a sample's
-    augmentation be keyed on it (augmentation_keys).
+    augmentation be keyed on it (augmentation_keys). Position p of the global order goes to rank
+    p % world_size as its (p // world_size)-th sample: at a constant global batch, each global step
+    takes the same samples whatever the world size.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     if num_repeats < 1:
         raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
-    order = _permutation(num_samples, seed, epoch, shuffle)
+    order = _permutation(num_samples, seed, epoch, shuffle, blocks)
     if num_repeats > 1:
         order = np.repeat(order, num_repeats)
         total = math.ceil(num_samples * num_repeats / world_size) * world_size
@@ -74,10 +80,27 @@ def epoch_samples(num_samples: int, *, seed: int, epoch: int, rank: int, world_s
 
 
 def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0) -> np.ndarray:
+                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0,
+                  blocks: BlockLayout | None = None) -> np.ndarray:
     """This rank's sample indices for the epoch, from batch `start_batch` on (see epoch_samples)."""
     return epoch_samples(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size, batch_size=batch_size,
-                         num_repeats=num_repeats, shuffle=shuffle, drop_last=drop_last, start_batch=start_batch)[0]
+                         num_repeats=num_repeats, shuffle=shuffle, drop_last=drop_last, start_batch=start_batch,
+                         blocks=blocks)[0]
+
+
+def block_finish_steps(blocks: BlockLayout, *, seed: int, epoch: int, world_size: int, batch_size: int,
+                       num_repeats: int = 1, drop_last: bool = True) -> np.ndarray:
+    """int64 per block: the last of this epoch's steps (batches of every rank) that reads a sample of it, -1 for a
+    block no step reads. Its pages can leave the page cache once every rank is past that step."""
+    n = epoch_length(blocks.num_samples, rank=0, world_size=world_size, batch_size=batch_size,
+                     num_repeats=num_repeats, drop_last=drop_last)
+    order = _permutation(blocks.num_samples, seed, epoch, True, blocks)
+    if num_repeats > 1:
+        order = np.repeat(order, num_repeats)
+    positions = np.arange(world_size * n)
+    finish = np.full(blocks.num_blocks, -1, np.int64)
+    np.maximum.at(finish, blocks.block_of(order[positions % len(order)]), positions // world_size // batch_size)
+    return finish
 
 
 def augmentation_keys(seed: int, epoch: int, indices: np.ndarray, copies: np.ndarray) -> np.ndarray:

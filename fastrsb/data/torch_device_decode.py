@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import queue
 import re
 import threading
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from dataprep.layout import DatasetError
-from fastrsb.data.base import Batch, EpochPlan, SplitLoader
+from fastrsb.data.base import Batch, EpochPlan, SplitLoader, shard_extents
 from fastrsb.data.crops import crop_boxes
 from fastrsb.data.device_resize import resize_batch, resize_params
 from fastrsb.data.staging import nhwc_to_batch
@@ -119,9 +120,10 @@ class DeviceDecodeStats:
 
 class TorchDeviceLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
-        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample)
+        loc = info.shard_locations()
+        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample, shard_extents(loc))
         self.device = dist.device
-        self.shards = ShardDataset(info, cfg, self.train)  # reads by offset, size records checked here
+        self.shards = ShardDataset(info, cfg, self.train, loc)  # reads by offset, size records checked here
         # float16 on cuda: uint8 levels are exact in it and tensor cores accumulate in float32
         self.matmul_dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

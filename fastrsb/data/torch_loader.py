@@ -17,10 +17,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from dataprep.layout import DatasetError
+from dataprep.layout import DatasetError, ShardLocations
 from fastrsb.data.bad_samples import replacement_sources
-from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
+from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader, shard_extents
 from fastrsb.data.crops import crop_boxes
+from fastrsb.data.page_cache import open_for_blocks
 from fastrsb.data.staging import to_device
 
 
@@ -37,9 +38,9 @@ class Item(NamedTuple):
 class ShardDataset(Dataset):
     """(HWC uint8 tensor, label) for an Item, its JPEG bytes read by offset from the DALI shards."""
 
-    def __init__(self, info, cfg, train: bool):
+    def __init__(self, info, cfg, train: bool, loc: ShardLocations):
         self.info, self.cfg, self.train = info, cfg, train
-        self.loc, self.labels = info.shard_locations(), info.labels
+        self.loc, self.labels = loc, info.labels
         self.sizes = info.image_sizes()  # checked here, before any work: the crops are placed by them
         self.filter = getattr(Image.Resampling, FILTERS[cfg.interpolation]["pillow"])
         self._fds: dict[int, int] = {}  # per worker process: shard -> open fd
@@ -52,7 +53,7 @@ class ShardDataset(Dataset):
         j = int(self.loc.shard[i])
         fd = self._fds.get(j)
         if fd is None:
-            fd = self._fds[j] = os.open(self.loc.tar_paths[j], os.O_RDONLY)
+            fd = self._fds[j] = open_for_blocks(self.loc.tar_paths[j], self.train and self.cfg.order == "block")
         return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
 
     def __getitem__(self, item: Item):
@@ -150,8 +151,9 @@ def _stop_workers() -> None:
 
 class TorchLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
-        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample)
-        self.dataset = ShardDataset(info, cfg, self.train)
+        loc = info.shard_locations()
+        super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample, shard_extents(loc))
+        self.dataset = ShardDataset(info, cfg, self.train, loc)
         self.batch_sampler = _EpochBatches()
         # persistent workers, as timm's loader uses: no process start-up at every epoch
         self.loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler, num_workers=self.workers,
