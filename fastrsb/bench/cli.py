@@ -20,15 +20,27 @@ def _out(args, kind: str, rows: list[dict], columns: list[str], label_key: str, 
 
 
 def _loader(args) -> int:
-    from fastrsb.bench.suite import bench_loader
+    from fastrsb.bench.suite import bench_cold_store, bench_loader
+
+    if args.cold:
+        rows = bench_cold_store(args.data, args.backends.split(","), args.orders.split(","), args.batch_size, args.res,
+                                args.workers, args.repeats, args.device, args.overrides)
+        _out(args, "loader_cold_store", rows, ["backend", "order", "world_size", "images_per_sec", "cold_vs_warm",
+                                               "read_vs_store", "peak_resident_vs_store"], "backend",
+             f"loader from a cold store: uint8 {args.res}px train batches of {args.batch_size}",
+             {"settings": {"data": args.data, "batch_size": args.batch_size, "res": args.res, "workers": args.workers,
+                           "overrides": args.overrides}})
+        return 0
 
     rows = bench_loader(args.data, args.backends.split(","), args.batch_size, args.res, args.workers, args.repeats,
-                        args.device, not args.no_bare, not args.no_decode_limit, args.epochs, args.reference)
+                        args.device, not args.no_bare, not args.no_decode_limit, args.epochs, args.reference,
+                        args.overrides)
     _out(args, "loader", rows, ["backend", "images_per_sec", "min", "max", "vs_torch", "vs_bare_library"]
          + (["vs_imagefolder"] if args.reference else []) + ["fraction_of_decode_limit"], "backend",
          f"loader only: uint8 {args.res}px train batches of {args.batch_size}",
          {"settings": {"data": args.data, "batch_size": args.batch_size, "res": args.res, "workers": args.workers,
-                       "epochs_per_repeat": args.epochs, "reference": args.reference}})
+                       "epochs_per_repeat": args.epochs, "reference": args.reference,
+                       "overrides": args.overrides}})
     return 0
 
 
@@ -100,8 +112,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-decode-limit", action="store_true", help="skip the decode-only row")
     p.add_argument("--reference", default=None, metavar="SRC",
                    help="also time torchvision's ImageFolder on SRC, the original tree DATA was converted from")
+    p.add_argument("--cold", action="store_true",
+                   help="a cold store: the page cache dropped before each epoch; bytes read from storage, resident "
+                        "store pages, RSS, against warm epochs (--orders; data.* overrides such as --data.block_mb=8)")
+    p.add_argument("--orders", default="random,block", help="with --cold: the data.order values to measure")
     _common(p)
-    p.set_defaults(func=_reporting_errors(_loader))
+    p.set_defaults(func=_reporting_errors(_loader), accepts_overrides=True)
 
     m = bsub.add_parser("model", help="train-step images/sec on synthetic device data (the ceiling)")
     m.add_argument("--model", default="resnet50")

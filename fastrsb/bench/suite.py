@@ -128,7 +128,7 @@ IMAGEFOLDER = "torchvision ImageFolder (original JPEGs)"
 
 def bench_loader(data: str, backends: list[str], batch_size: int, res: int, workers: int, repeats: int,
                  device: str = "auto", bare: bool = True, decode_limit: bool = True, epochs: int = 2,
-                 reference: str | None = None) -> list[dict]:
+                 reference: str | None = None, overrides=()) -> list[dict]:
     """images/sec of each backend (and the bare libraries) producing uint8 train batches on the device;
     with `reference` (the class-folder tree DATA was converted from), also torchvision's ImageFolder
     reading those originals, the loader fastrsb replaces."""
@@ -149,7 +149,8 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
             name, decoder = parse_backend_spec(backend)
         except ValueError as e:
             raise ValueError(f"--backends {e}") from None
-        cfg = _loader_cfg(data, name, batch_size, res, workers, [f"data.{k}={v}" for k, v in decoder.items()])
+        cfg = _loader_cfg(data, name, batch_size, res, workers, [*(f"data.{k}={v}" for k, v in decoder.items()),
+                                                                *overrides])
         loader = loaders[backend] = create_loader(cfg, "train", dist)
 
         def epoch(i, loader=loader):
@@ -186,6 +187,120 @@ def bench_loader(data: str, backends: list[str], batch_size: int, res: int, work
             r["vs_bare_library"] = paired_ratio(timed[name], timed[f"bare {name}"])
         if name in timed and IMAGEFOLDER in timed:
             r["vs_imagefolder"] = paired_ratio(timed[name], timed[IMAGEFOLDER])
+    return rows
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process and its live children (DataLoader workers) have read from storage (/proc/PID/io
+    read_bytes: what the page cache did not hold)."""
+    total = 0
+    me = os.getpid()
+    for pid in [me, *_children(me)]:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+        except (OSError, StopIteration):
+            pass  # a child that ended meanwhile
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _peak_rss_mb() -> float:
+    """The largest resident set of this process and of its children, in MB (VmHWM of each)."""
+    peak = 0.0
+    for pid in [os.getpid(), *_children(os.getpid())]:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                peak = max(peak, next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024)
+        except (OSError, StopIteration):
+            pass
+    return peak
+
+
+def bench_cold_store(data: str, backends: list[str], orders: list[str], batch_size: int, res: int, workers: int,
+                     repeats: int, device: str = "auto", overrides=()) -> list[dict]:
+    """Each backend and order reading its train split from a cold store: the store's files are dropped from the page
+    cache (fastrsb.data.page_cache.evict) before every timed epoch. Per epoch: images/sec, bytes read from storage
+    (by this process and its workers) against the store's size, and the most of the store the page cache held at
+    once (sampled every 10 ms); the same loader's warm epochs (store cached, after a warm-up epoch) are the throughput
+    it is compared with. Under torchrun each rank measures its own process; rank 0 gets every rank's figures."""
+    import threading
+
+    import torch.distributed as tdist
+
+    from fastrsb.data import create_loader
+    from fastrsb.data.page_cache import evict, resident_bytes
+
+    dist = init_distributed(device, "--device")
+    workers = workers or default_workers(dist)
+    rows = []
+    for spec in backends:
+        name, decoder = parse_backend_spec(spec)
+        for order in orders:
+            cfg = _loader_cfg(data, name, batch_size, res, workers, [*(f"data.{k}={v}" for k, v in decoder.items()),
+                                                                    f"data.order={order}", *overrides])
+            loader = create_loader(cfg, "train", dist)
+            paths = loader.store.paths
+            store_bytes = sum(os.path.getsize(p) for p in paths)
+
+            def epoch(e: int) -> tuple[float, int]:
+                loader.set_epoch(e)
+                if dist.distributed:
+                    tdist.barrier()
+                t0, n = time.perf_counter(), sum(b.images.shape[0] for b in loader)
+                return n / (time.perf_counter() - t0), n
+
+            epoch(0)  # warm-up: compilation, workers
+            warm = [epoch(1 + r)[0] for r in range(repeats)]
+            cold, reads, peaks = [], [], []
+            for r in range(repeats):
+                if dist.is_main:
+                    evict(paths)
+                peak, stop = [0], threading.Event()
+
+                def watch():
+                    while not stop.is_set():
+                        peak[0] = max(peak[0], sum(resident_bytes(p) for p in paths))
+                        time.sleep(0.01)
+
+                watcher = threading.Thread(target=watch, daemon=True)
+                read_before = disk_read_bytes()
+                watcher.start()
+                ips, _ = epoch(1 + repeats + r)
+                stop.set()
+                watcher.join()
+                cold.append(ips)
+                reads.append(disk_read_bytes() - read_before)
+                peaks.append(peak[0])
+            mine = {"rank": dist.rank, "cold_images_per_sec": float(np.median(cold)), "warm_images_per_sec":
+                    float(np.median(warm)), "disk_read_bytes": int(np.median(reads)),
+                    "peak_resident_store_bytes": int(max(peaks)), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+            ranks = [mine]
+            if dist.distributed:
+                ranks = [None] * dist.world_size
+                tdist.all_gather_object(ranks, mine)
+            total_read = sum(r["disk_read_bytes"] for r in ranks)
+            s = summarize(cold)
+            rows.append({"backend": spec, "order": order, "world_size": dist.world_size,
+                         "images_per_sec": sum(r["cold_images_per_sec"] for r in ranks), "min": s["min"],
+                         "max": s["max"], "repeats": s["repeats"],
+                         "warm_images_per_sec": sum(r["warm_images_per_sec"] for r in ranks),
+                         "cold_vs_warm": sum(r["cold_images_per_sec"] for r in ranks)
+                         / sum(r["warm_images_per_sec"] for r in ranks),
+                         "store_bytes": store_bytes, "disk_read_bytes": total_read,
+                         "read_vs_store": total_read / store_bytes,
+                         "peak_resident_store_bytes": ranks[0]["peak_resident_store_bytes"],
+                         "peak_resident_vs_store": ranks[0]["peak_resident_store_bytes"] / store_bytes,
+                         "per_rank": ranks, "blocks": loader.blocks._asdict() if loader.blocks else None,
+                         "decoder": loader.decoder_name})
+            loader.end_epoch()
     return rows
 
 
