@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         idx = plan.indices[sel]
         sync()
         t0 = time.perf_counter()
-        jpeg_bytes.append(sum(len(loader.shards.read(int(i))) for i in idx) / len(idx))
+        jpeg_bytes.append(sum(len(loader.shards.reader.read(int(i))) for i in idx) / len(idx))
         t1 = time.perf_counter()
         sizes = loader.shards.sizes[idx]
         boxes, flips = crop_boxes(sizes, plan.keys[sel], cfg.data.scale, cfg.data.ratio)

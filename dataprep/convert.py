@@ -44,17 +44,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dataprep.images import BadImage, PreparedImage, load_rgb, prepare_image
-from dataprep.layout import (
-    FORMAT_VERSION,
-    LISTING_COLUMNS,
-    MANIFEST,
-    atomic_write,
-    atomic_write_bytes,
-    read_wds_index,
-    atomic_write_json,
-    sha256_file,
-    shard_stem,
-)
+from dataprep.files import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file
+from dataprep.layout import (FORMAT_VERSION, LISTING_COLUMNS, MANIFEST, ShardLocations, ShardReader, read_wds_index,
+                             shard_stem)
 from dataprep.shards import ShardMember, write_shard
 from dataprep.sources import Record, Skipped, Source, scan_source
 
@@ -241,20 +233,20 @@ class _FfcvSamples:
                  records: list[Record]):
         self.samples = samples  # (its shard's tar, the sample)
         self.from_shards = from_shards
+        tars = sorted({tar for tar, _ in samples})
+        shard_of = {tar: j for j, tar in enumerate(tars)}
+        self.shards = ShardReader(ShardLocations(
+            tars, np.array([shard_of[tar] for tar, _ in samples], np.int32),
+            np.array([s.offset for _, s in samples], np.int64), np.array([s.size for _, s in samples], np.int64)))
         self.source, self.records = source, records  # a sample's record is records[int(sample.key)]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        tar, sample = self.samples[i]
+        _, sample = self.samples[i]
         if self.from_shards:
-            fd = os.open(tar, os.O_RDONLY)
-            try:
-                data = os.pread(fd, sample.size, sample.offset)
-            finally:
-                os.close(fd)
-            return PreparedImage(data, sample.height, sample.width), sample.label
+            return PreparedImage(self.shards.read(i), sample.height, sample.width), sample.label
         return load_rgb(self.source.payload(self.records[int(sample.key)])), sample.label
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataprep.layout import atomic_write
+from dataprep.files import atomic_write
 
 VAL_EVERY = 5  # every 5th image of a class goes to val: a stratified 80/20 split
 

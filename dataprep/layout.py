@@ -21,13 +21,11 @@ decoding a header: `SplitInfo.image_sizes()`, a 10 MB array for ImageNet's 1.28M
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -44,53 +42,6 @@ class DatasetError(RuntimeError):
 
 def shard_stem(split: str, shard: int) -> str:
     return f"{split}-{shard:05d}"
-
-
-def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object], durable: bool = True) -> None:
-    """Make `path` appear whole or not at all: write(tmp) fills the temporary sibling `.NAME.partial`,
-    which is renamed over path. durable: the file's data is fsynced before the rename and the directory
-    after it, so a crash or power loss right after leaves either the old file or the whole new one (the
-    rename itself must reach the disk too). The one way fastrsb writes files that matter: checkpoints,
-    .beton files, shards, sidecars, manifests, exported weights. A stale .partial of a killed writer is
-    replaced by the next attempt."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.unlink(missing_ok=True)
-    try:
-        write(tmp)
-        if durable:
-            _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_json(path: str | Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 def read_wds_index(path: str | Path) -> list[dict[str, tuple[int, int]]]:
@@ -120,6 +71,31 @@ class ShardLocations:
     shard: np.ndarray  # int32 (num_samples,)
     offset: np.ndarray  # int64 data offset of <key>.jpg in its tar
     size: np.ndarray  # int64 byte count of <key>.jpg
+
+
+class ShardReader:
+    """Sample i's stored JPEG bytes, read by offset from its tar shard: how everything that reads the shards reads
+    them (the torch and dali backends, the decode benchmark). Each shard is opened once, on first use in the process
+    that reads (DataLoader workers are processes of their own). read_ahead=False tells the kernel not to read past
+    what is asked (data.order=block: read-ahead past a block brings back pages already dropped)."""
+
+    def __init__(self, loc: ShardLocations, read_ahead: bool = True):
+        self.loc, self.read_ahead = loc, read_ahead
+        self._fds: dict[int, int] = {}
+
+    def read(self, i: int) -> bytes:
+        j = int(self.loc.shard[i])
+        fd = self._fds.get(j)
+        if fd is None:
+            fd = self._fds[j] = os.open(self.loc.tar_paths[j], os.O_RDONLY)
+            if not self.read_ahead:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
 
 @dataclass(frozen=True)
@@ -258,6 +234,13 @@ class SplitInfo:
         if len(crcs) != self.num_samples:
             raise DatasetError(f"{path}: {len(crcs)} rows, split '{self.name}' has {self.num_samples} samples")
         return crcs
+
+    def size_mismatch(self, i: int, height: int, width: int) -> DatasetError:
+        """The error for sample i decoding to another size than its record: every backend that reads the shards
+        places its crops by the record (image_sizes)."""
+        h, w = (int(v) for v in self.image_sizes()[i])
+        return DatasetError(f"{self.describe_sample(i)}: the JPEG is {height}x{width} (height x width), "
+                            f"{self.root / self.sizes} says {h}x{w}; run `fastrsb verify`")
 
     def shard_locations(self) -> ShardLocations:
         if not self.shards:

@@ -6,7 +6,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataprep.layout import atomic_write_bytes
+from dataprep.files import atomic_write_bytes
 
 TAR_BLOCK = 512
 

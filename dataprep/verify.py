@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 
 from dataprep.images import BadImage, decode_jpeg
-from dataprep.layout import DatasetError, SplitInfo, open_dataset, read_wds_index, sha256_file
+from dataprep.files import sha256_file
+from dataprep.layout import DatasetError, SplitInfo, open_dataset, read_wds_index
 
 _BULK = (".tar", ".beton")  # data files: a damaged one is read on to name its damaged samples
 _Problem = tuple[str, int, str]  # (split, sample index, what is wrong), one per finding

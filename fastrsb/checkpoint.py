@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from dataprep.layout import atomic_write
+from dataprep.files import atomic_write
 from fastrsb.dist import DistInfo
 
 REQUIRED = ("model", "optimizer", "epoch", "batch_in_epoch", "step", "config")

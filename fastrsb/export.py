@@ -19,7 +19,7 @@ from pathlib import Path
 import timm
 import torch
 
-from dataprep.layout import atomic_write, atomic_write_bytes
+from dataprep.files import atomic_write, atomic_write_bytes, atomic_write_json
 from fastrsb import checkpoint as ckpt
 from fastrsb.config import from_dict
 from fastrsb.model import architecture_kwargs
@@ -30,7 +30,7 @@ LAUNCH = "launch.json"  # written by `fastrsb train` into the run directory: rec
 
 def record_launch(run_dir: str | Path, recipe: str | Path, command: str) -> None:
     """RUN/launch.json: the recipe file and the command that started the run, for the model card."""
-    (Path(run_dir) / LAUNCH).write_text(json.dumps({"recipe": str(recipe), "command": command}, indent=1) + "\n")
+    atomic_write_json(Path(run_dir) / LAUNCH, {"recipe": str(recipe), "command": command})
 
 
 def _run_dir(checkpoint: Path) -> Path:
@@ -126,7 +126,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = F
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     config = timm_config(model, cfg, num_classes, extra)
-    atomic_write_bytes(out / CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+    atomic_write_json(out / CONFIG, config)
     atomic_write_bytes(out / CARD, model_card(config, f"fastrsb export {checkpoint} {out}{' --ema' if ema else ''}").encode())
     return out
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 def _train(args: argparse.Namespace) -> int:
     from fastrsb.checkpoint import CheckpointError, NonFiniteState
+    from dataprep.files import atomic_write_json
     from fastrsb.config import ConfigError, load_config, to_dict
     from fastrsb.data import LoaderError
     from fastrsb.data.bad_samples import BadDataError
@@ -35,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"[train] resumed from {path} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})" if path
                       else "[train] no checkpoint to resume from; starting fresh")
         if dist.is_main:
-            (Path(args.out) / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+            atomic_write_json(Path(args.out) / "config.json", to_dict(cfg))
             record_launch(args.out, args.config, " ".join(["fastrsb", *sys.argv[1:]]))
             print(f"[train] {cfg.model.name} on {cfg.data.backend} ({trainer.train_loader.decoder_name}; {dist.device}, "
                   f"world {dist.world_size}), "

@@ -172,7 +172,8 @@ def test_verify_reaches_the_label_checks_with_a_tampered_label(messy, tmp_path):
     would leave): only verify's label checks stand between it and training, in the DALI shards and in the beton."""
     import shutil
 
-    from dataprep.layout import read_wds_index, sha256_file
+    from dataprep.files import sha256_file
+    from dataprep.layout import read_wds_index
     from ffcv.reader import Reader
     from ffcv.types import HeaderType
 
@@ -457,7 +458,7 @@ def test_reencode_reasons_read_the_jpeg_header():
 
 def _rehash(root: Path, rel: str) -> None:
     """Make the manifest's size and sha256 of `rel` match the (tampered) file, so the check behind them is reached."""
-    from dataprep.layout import sha256_file
+    from dataprep.files import sha256_file
 
     manifest = json.loads((root / MANIFEST).read_text())
     manifest["files"][rel] = {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
@@ -766,7 +767,7 @@ def test_a_format_2_dataset_is_still_read(messy, tmp_path):
     still work, with labels from the per-class counts."""
     import shutil
 
-    from dataprep.layout import sha256_file
+    from dataprep.files import sha256_file
 
     src, out, m, truth = messy
     work = tmp_path / "v2"

@@ -8,29 +8,20 @@ import multiprocessing as mp
 import os
 import time
 
-import numpy as np
 from PIL import Image
 
-from dataprep.layout import open_dataset
+from dataprep.layout import ShardReader, open_dataset
 
 _SHARED: dict = {}
 
 
 def _init(locations) -> None:
-    _SHARED["loc"] = locations
-    _SHARED["fds"] = {}
+    _SHARED["reader"] = ShardReader(locations)
 
 
 def _decode_range(bounds: tuple[int, int]) -> int:
-    loc = _SHARED["loc"]
-    fds = _SHARED["fds"]
     for i in range(*bounds):
-        j = int(loc.shard[i])
-        fd = fds.get(j)
-        if fd is None:
-            fd = fds[j] = os.open(loc.tar_paths[j], os.O_RDONLY)
-        data = os.pread(fd, int(loc.size[i]), int(loc.offset[i]))
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(_SHARED["reader"].read(i))) as im:
             im.load()
     return bounds[1] - bounds[0]
 
@@ -47,9 +38,3 @@ def decode_throughput(data: str, split: str = "train", workers: int | None = Non
         t0 = time.perf_counter()
         done = sum(pool.imap_unordered(_decode_range, chunks))
         return done / (time.perf_counter() - t0)
-
-
-def stored_sizes(data: str, split: str = "train") -> dict:
-    """Mean stored JPEG bytes per image (what a loader reads)."""
-    loc = open_dataset(data).split(split).shard_locations()
-    return {"mean_jpeg_bytes": float(np.mean(loc.size)), "num_samples": int(len(loc.size))}

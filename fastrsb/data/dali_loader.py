@@ -5,7 +5,6 @@ pipeline code for both; device is a parameter. Train crops come from the one cro
 window, and every backend crops alike."""
 from __future__ import annotations
 
-import os
 from collections import deque
 from enum import Enum
 from typing import Iterator
@@ -13,12 +12,11 @@ from typing import Iterator
 import numpy as np
 
 from dataprep.images import BadImage, load_rgb
-from dataprep.layout import DatasetError, ShardLocations
+from dataprep.layout import DatasetError, ShardLocations, ShardReader
 from fastrsb.data.bad_samples import NO_FRAME, replacement_sources
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader, shard_extents
 from fastrsb.data.crops import crop_boxes
 from fastrsb.data.ffcv_decode import jpeg_frame_intact
-from fastrsb.data.page_cache import open_for_blocks
 from fastrsb.data.staging import to_device
 
 from nvidia.dali import fn, pipeline_def, types
@@ -44,7 +42,7 @@ class ShardSource:
         self.info, self.batch_size, self.cfg, self.train = info, batch_size, cfg, train
         self.loc, self.labels = loc, info.labels
         self.sizes = info.image_sizes()  # checked here, before any work: the windows are placed by them
-        self.fds = [open_for_blocks(p, train and cfg.order == "block") for p in self.loc.tar_paths]
+        self.reader = ShardReader(loc, read_ahead=not (train and cfg.order == "block"))
         self.undecodable: dict[int, str] = {}  # sample index -> why, for good: the stored bytes do not change
         self.fed: deque[tuple[np.ndarray, dict[int, str]]] = deque()  # per batch fed: its samples, those replaced
         self.plan: EpochPlan | None = None
@@ -55,16 +53,13 @@ class ShardSource:
         self.plan, self.pos = plan, pos
         self.fed.clear()
 
-    def read(self, i: int) -> bytes:
-        return os.pread(self.fds[self.loc.shard[i]], int(self.loc.size[i]), int(self.loc.offset[i]))
-
     def __call__(self):
         if self.plan is None or self.pos >= len(self.plan.indices):
             raise StopIteration
         sel = slice(self.pos, self.pos + self.batch_size)
         idx, keys = self.plan.indices[sel], self.plan.keys[sel]
         self.pos += len(idx)
-        jpegs = [np.frombuffer(self.read(i), np.uint8) for i in idx]
+        jpegs = [np.frombuffer(self.reader.read(i), np.uint8) for i in idx]
         for i, jpeg in zip(idx.tolist(), jpegs):
             if i not in self.undecodable and not jpeg_frame_intact(jpeg.ctypes.data, jpeg.size):
                 self.undecodable[i] = NO_FRAME
@@ -89,20 +84,16 @@ class ShardSource:
             if i in self.undecodable:
                 continue
             try:
-                image = load_rgb(self.read(i))
+                image = load_rgb(self.reader.read(i))
             except BadImage as e:
                 undecodable[i] = f"DALI's decoder failed on it; PIL: {e}"
                 continue
-            h, w = (int(v) for v in self.sizes[i])
-            if image.shape[:2] != (h, w):
-                mismatched.append(f"{self.info.describe_sample(i)}: the JPEG is {image.shape[0]}x{image.shape[1]}, "
-                                  f"{self.info.root / self.info.sizes} says {h}x{w}")
+            if image.shape[:2] != tuple(self.sizes[i]):
+                mismatched.append(str(self.info.size_mismatch(i, *image.shape[:2])))
         return undecodable, mismatched
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        self.reader.close()
 
 
 class PipelineState(Enum):
@@ -196,7 +187,7 @@ class DaliLoader(SplitLoader):
         undecodable, mismatched = self.source.diagnose(start, self.source.pos)
         if not undecodable:
             if mismatched:
-                raise DatasetError("; ".join(mismatched[:3]) + " (run `fastrsb verify`)") from error
+                raise DatasetError("; ".join(mismatched[:3])) from error
             raise error
         self.source.undecodable.update(undecodable)
         self.source.start(self.source.plan, start)

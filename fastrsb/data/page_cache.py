@@ -70,8 +70,9 @@ class StoreExtents:
             self._drop(f, [(0, os.path.getsize(path))])
 
     def read_at_random(self) -> None:
-        """Tell the kernel not to read ahead in the map (a file descriptor's own reader sets it: open_for_blocks):
-        read-ahead past a block brings back pages of blocks already done, which nothing drops again."""
+        """Tell the kernel not to read ahead in the map (a reader of its own file descriptors says it when it opens
+        them: dataprep.layout.ShardReader): read-ahead past a block brings back pages of blocks already done, which
+        nothing drops again."""
         m = self.mapped() if self.mapped is not None else None
         if m is not None:
             m.madvise(mmap.MADV_RANDOM)
@@ -86,14 +87,6 @@ class StoreExtents:
                 os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def open_for_blocks(path, block_order: bool) -> int:
-    """A file descriptor for preads; under data.order=block without read-ahead (StoreExtents.read_at_random)."""
-    fd = os.open(path, os.O_RDONLY)
-    if block_order:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    return fd
 
 
 def evict(paths) -> None:

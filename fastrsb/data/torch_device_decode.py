@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import os
 import queue
 import re
 import threading
@@ -26,7 +25,6 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from dataprep.layout import DatasetError
 from fastrsb.data.base import Batch, EpochPlan, SplitLoader, shard_extents
 from fastrsb.data.crops import crop_boxes
 from fastrsb.data.device_resize import resize_batch, resize_params
@@ -139,7 +137,7 @@ class TorchDeviceLoader(SplitLoader):
         """(3, h, w) uint8 RGB on the device per sample, and {position: why} of those that cannot be decoded (None
         in the list). A batch the device decoder refuses is decoded one by one, and what it still refuses is decoded
         on the host and copied over; what the host refuses too is damaged."""
-        data = [torch.frombuffer(bytearray(self.shards.read(int(i))), dtype=torch.uint8) for i in indices]
+        data = [torch.frombuffer(bytearray(self.shards.reader.read(int(i))), dtype=torch.uint8) for i in indices]
         self.decode_stats.images += len(data)
         failed: dict[int, str] = {}
         try:
@@ -149,8 +147,7 @@ class TorchDeviceLoader(SplitLoader):
         for i, im in zip(indices, images):
             h, w = (int(v) for v in self.shards.sizes[i])
             if im is not None and tuple(im.shape[1:]) != (h, w):
-                raise DatasetError(f"{self.shards.info.describe_sample(int(i))}: the JPEG is {im.shape[1]}x"
-                                   f"{im.shape[2]} (height x width), the size record says {h}x{w}; run `fastrsb verify`")
+                raise self.shards.info.size_mismatch(int(i), int(im.shape[1]), int(im.shape[2]))
         return images, failed
 
     def _decode_one(self, k: int, data: torch.Tensor, failed: dict[int, str]) -> torch.Tensor | None:

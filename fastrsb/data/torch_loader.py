@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import io
 import math
-import os
 import signal
 import weakref
 from typing import Iterator, NamedTuple
@@ -17,11 +16,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from dataprep.layout import DatasetError, ShardLocations
+from dataprep.layout import ShardLocations, ShardReader
 from fastrsb.data.bad_samples import replacement_sources
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader, shard_extents
 from fastrsb.data.crops import crop_boxes
-from fastrsb.data.page_cache import open_for_blocks
 from fastrsb.data.staging import to_device
 
 
@@ -43,18 +41,11 @@ class ShardDataset(Dataset):
         self.loc, self.labels = loc, info.labels
         self.sizes = info.image_sizes()  # checked here, before any work: the crops are placed by them
         self.filter = getattr(Image.Resampling, FILTERS[cfg.interpolation]["pillow"])
-        self._fds: dict[int, int] = {}  # per worker process: shard -> open fd
+        self.reader = ShardReader(loc, read_ahead=not (train and cfg.order == "block"))  # fds per worker process
         self._val_transforms: dict[int, T.Compose] = {}  # per worker process: resolution -> transform
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def read(self, i: int) -> bytes:
-        j = int(self.loc.shard[i])
-        fd = self._fds.get(j)
-        if fd is None:
-            fd = self._fds[j] = open_for_blocks(self.loc.tar_paths[j], self.train and self.cfg.order == "block")
-        return os.pread(fd, int(self.loc.size[i]), int(self.loc.offset[i]))
 
     def __getitem__(self, item: Item):
         """(HWC uint8 image, label, None), or (None, label, why) when the stored JPEG cannot be decoded."""
@@ -67,11 +58,10 @@ class ShardDataset(Dataset):
 
     def _decode(self, item: Item) -> torch.Tensor:
         i, box, flip, res = item
-        with Image.open(io.BytesIO(self.read(i))) as im:
+        with Image.open(io.BytesIO(self.reader.read(i))) as im:
             h, w = (int(v) for v in self.sizes[i])
             if im.size != (w, h):
-                raise DatasetError(f"{self.info.describe_sample(i)}: the JPEG is {im.height}x{im.width} (height x "
-                                   f"width), {self.info.root / self.info.sizes} says {h}x{w}; run `fastrsb verify`")
+                raise self.info.size_mismatch(i, im.height, im.width)
             im = im.convert("RGB")
             if box is None:
                 img = self._val_transform(res)(im)
