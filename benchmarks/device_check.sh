@@ -20,6 +20,8 @@
 #   e2e_*      bench e2e, RSB A3: synthetic data with the batch stage on and off at 224 px (what the data
 #              path costs beyond the model), the torch backend (PIL in DataLoader workers) at 160 px, and
 #              e2e_torch_device_decode(_160): the torch backend decoding on the GPU at 224 and 160 px
+#   step_ops   bench step, RSB A3 as e2e_synthetic runs it: aten ops dispatched per step by part, shown
+#              beside e2e_synthetic's time per step
 # OUT gets three files: device_check.json (every step's results), device_check.log, summary.txt.
 # Without cuda the same steps run at tiny sizes on the CPU (tests/test_device_check.py does that).
 # A failed step: the others still run, the summary marks it FAILED, and the exit status is 1.
@@ -75,6 +77,8 @@ A3=(--config configs/rsb_a3.yaml --data "$WORK/data" --steps "$STEPS" --repeats 
     --data.batch_size="$BS" --train.amp="$AMP" --data.synthetic_num_samples=$((BS * STEPS * (REPEATS + 2))))
 NO_AUG=(--augment.randaugment= --augment.mixup_alpha=0 --augment.cutmix_alpha=0)
 step e2e_synthetic "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend synthetic --data.train_res="$RES" --json "$WORK/json/e2e_synthetic.json"
+step step_ops "${BENCH[@]}" step --device "$DEV" --config configs/rsb_a3.yaml --model.name="$MODEL" --data.batch_size="$BS" \
+  --train.amp="$AMP" --json "$WORK/json/step_ops.json"
 step e2e_synthetic_no_augment "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend synthetic --data.train_res="$RES" "${NO_AUG[@]}" \
   --json "$WORK/json/e2e_synthetic_no_augment.json"
 step e2e_torch "${BENCH[@]}" e2e --device "$DEV" "${A3[@]}" --backend torch --json "$WORK/json/e2e_torch.json"

@@ -64,6 +64,7 @@ def summarize(docs: dict, failed: list[str]) -> list[str]:
         row = _row(docs, name)
         stall = f", data stall {row['data_stall']:.1%}" if row and name not in failed else ""
         lines.append(f"{name}: {fmt(name)}{stall}")
+    lines.extend(_ops_per_step(docs, failed))
     real, synthetic, model = (_row(docs, n) for n in ("e2e_torch_device_decode", "e2e_synthetic", "model_channels_last"))
     if real and "e2e_torch_device_decode" not in failed:  # same recipe and resolution, real JPEGs vs no data path
         parts = [f"{real['images_per_sec'] / ref['images_per_sec']:.2f}x {what}"
@@ -81,6 +82,22 @@ def summarize(docs: dict, failed: list[str]) -> list[str]:
                          f"{'met' if cost <= E2E_OVERHEAD_GOAL else 'MISSED'}")
     if failed:
         lines.append("FAILED steps: " + ", ".join(failed))
+    return lines
+
+
+def _ops_per_step(docs: dict, failed: list[str]) -> list[str]:
+    """bench step's ops per step by part, and beside them e2e_synthetic's time per step (the same recipe and
+    batch): the host time the GPU step leaves for each dispatched op."""
+    ops = _row(docs, "step_ops")
+    if ops is None or "step_ops" in failed:
+        return ["ops per step: FAILED"]
+    parts = ", ".join(f"{part} {ops[part]:,.0f}" for part in ("batch stage", "forward + backward", "optimizer", "EMA"))
+    lines = [f"ops per step, {ops['config']} ({ops['model']}, {ops['optim']}, batch {ops['batch_size']}, {ops['amp']}): "
+             f"{parts}; {ops['total']:,.0f} in all"]
+    e2e = _row(docs, "e2e_synthetic")
+    if e2e and "e2e_synthetic" not in failed:
+        ms = 1000 * e2e["batch_size"] * e2e["world_size"] / e2e["images_per_sec"]
+        lines.append(f"e2e_synthetic: {ms:,.1f} ms per step, {1000 * ms / ops['total']:,.1f} us per dispatched op")
     return lines
 
 

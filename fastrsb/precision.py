@@ -7,11 +7,16 @@ from contextlib import nullcontext
 import torch
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """train.amp as a dtype; None = full fp32. auto: bf16 autocast on cuda, fp32 on cpu."""
+def resolve_amp(amp: str, device_type: str) -> str:
+    """train.amp for a device type: auto is bf16 autocast on cuda, none (fp32) elsewhere."""
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+        return "bf16" if device_type == "cuda" else "none"
+    return amp
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """train.amp as a dtype; None = full fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[resolve_amp(amp, device.type)]
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device):

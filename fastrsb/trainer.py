@@ -9,9 +9,10 @@ from __future__ import annotations
 import signal
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import islice
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -31,6 +32,10 @@ from fastrsb.model import create_ema, create_model, wrap_model
 from fastrsb.optim import base_lr, create_optimizer, lr_at, resolution_at
 from fastrsb.precision import amp_dtype, autocast
 from fastrsb.seeding import derive_seed, rng_state, seed_everything, set_rng_state
+
+# the parts of Trainer._train_step, in order (`fastrsb bench step` counts each one's ops)
+STEP_PARTS = BATCH_STAGE, FORWARD_BACKWARD, OPTIMIZER_STEP, EMA_UPDATE = ("batch stage", "forward + backward",
+                                                                         "optimizer", "EMA")
 
 
 class StopRequest:
@@ -95,6 +100,8 @@ class Trainer:
     step: int
     totals: EpochTotals
     stop: StopRequest
+    # what each of STEP_PARTS runs inside: nothing, unless something counts them
+    step_part: Callable[[str], AbstractContextManager] = staticmethod(lambda part: nullcontext())
 
     def __init__(self, cfg, run_dir: str | Path, dist: DistInfo):
         self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
@@ -225,19 +232,23 @@ class Trainer:
         lr = self._lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        x, y = self.train_aug(batch.images, batch.targets)
-        with autocast(self.amp, self.dist.device):
-            logits = self.model(x)
-            loss = self.criterion(x, logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.optim.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.step_part(BATCH_STAGE):
+            x, y = self.train_aug(batch.images, batch.targets)
+        with self.step_part(FORWARD_BACKWARD):
+            with autocast(self.amp, self.dist.device):
+                logits = self.model(x)
+                loss = self.criterion(x, logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with self.step_part(OPTIMIZER_STEP):
+            if self.cfg.optim.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.ema is not None:
-            self.ema.update(self.raw_model, step=self.step)
+            with self.step_part(EMA_UPDATE):
+                self.ema.update(self.raw_model, step=self.step)
         return loss.detach()
 
     def train_epoch(self, max_steps: int | None = None, log_interval: int | None = None) -> list[WindowStats]:

@@ -166,3 +166,45 @@ def test_bench_randaugment_script(tmp_path):
         assert row["vs_timm_1_process"] == _paired(row, rows[-2])
         assert row[procs[0]] == _paired(row, rows[-1])
     assert doc["settings"]["config"] == "rand-m7-mstd0.5-inc1"
+
+
+# ------------------------------------------------------------------ ops per step
+def test_bench_step_counts_each_part_on_the_gpu_paths(tmp_path):
+    """`fastrsb bench step` on two recipes (LAMB without EMA, momentum SGD with it): a row each, with cuda's
+    settings on this CPU (bf16, RandAugment's torch ops), the optimizer and EMA on foreach ops, the total
+    the sum of the parts, and the batch stage counted on a batch of the recipe's size."""
+    out = tmp_path / "step.json"
+    r = subprocess.run([sys.executable, "-m", "fastrsb", "bench", "step", "--config", str(CONFIGS / "rsb_a1.yaml"),
+                        str(CONFIGS / "resnet_rs50.yaml"), "--steps", "1", "--device", "cpu", "--json", str(out),
+                        "--model.name=resnet10t", "--data.batch_size=16"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("python -m fastrsb bench step") and doc["machine"]["versions"]["timm"]
+    a1, rs = doc["results"]
+    assert (a1["config"], a1["optim"], rs["optim"]) == ("rsb_a1.yaml", "lamb", "momentum")
+    for row in (a1, rs):
+        assert (row["amp"], row["randaugment_impl"], row["batch_size"], row["step_batch_size"]) == ("bf16", "torch", 16, 2)
+        assert len(row["per_step"]) == 1 and row["min"] <= row["total"] <= row["max"]
+        parts = ["batch stage", "forward + backward", "optimizer", "EMA", "other"]
+        assert row["total"] == sum(row[p] for p in parts) and row["forward + backward"] > 0
+        assert next(iter(row["top_ops"]["optimizer"])).startswith("aten._foreach_")  # the most frequent op
+    assert a1["EMA"] == 0 and "aten._foreach_lerp_" in rs["top_ops"]["EMA"]
+    assert r.stdout.split()[:3] == ["config", "model", "optim"] and "resnet_rs50.yaml" in r.stdout
+
+
+def test_step_op_counts_do_not_depend_on_batch_size_or_resolution():
+    """Every part dispatches as many ops at batch 2 and 64 px as at 4 and 96 px (the batch stage without
+    RandAugment: normalize and Mixup/CutMix); RandAugment's torch ops do not: they dispatch a few ops per op
+    group a batch's draws form, and a small batch forms fewer, which is why `bench step` counts the batch
+    stage on a batch of the recipe's size."""
+    from fastrsb.bench.step import bench_step
+
+    def count(batch_size: int, res: int, *extra: str) -> dict:
+        return bench_step(str(CONFIGS / "rsb_a1.yaml"), ["--model.name=resnet10t", "--ema.enabled=true", *extra],
+                          batch_size, res, 1, "cpu")
+
+    small, large = (count(b, res, "--augment.randaugment=", "--data.batch_size=8") for b, res in ((2, 64), (4, 96)))
+    for part in ("batch stage", "forward + backward", "optimizer", "EMA"):
+        assert small[part] == large[part] > 0, part
+    few, many = (count(2, 64, f"--data.batch_size={n}")["batch stage"] for n in (2, 64))
+    assert few < many

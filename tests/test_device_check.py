@@ -17,14 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(900)
 STEPS = {"model_channels_last", "model_no_channels_last", "model_compile", "randaug", "e2e_synthetic",
          "e2e_synthetic_no_augment", "e2e_torch", "e2e_torch_device_decode", "e2e_torch_device_decode_160",
-         "loader_torch_32", "loader_torch_24"}
+         "loader_torch_32", "loader_torch_24", "step_ops"}
 
 
 def test_device_check_runs_every_step_on_the_cpu(tmp_path):
     """Without cuda the script runs the GPU check's steps at tiny sizes: tests, three model-only
-    variants, RandAugment vs timm, data + conversion, e2e synthetic with and without the batch stage
-    and e2e on the torch backend; three files come back. As on the lent GPU machine, ffcv and DALI are
-    not importable (tests/no_ffcv_dali: a process that imports either anyway exits 97, failing its step)."""
+    variants, RandAugment vs timm, data + conversion, e2e synthetic with and without the batch stage,
+    that step's ops per step beside its time, and e2e on the torch backend; three files come back. As on
+    the lent GPU machine, ffcv and DALI are not importable (tests/no_ffcv_dali: a process that imports
+    either anyway exits 97, failing its step)."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "tests" / "no_ffcv_dali")}
     r = subprocess.run(["bash", "benchmarks/device_check.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
@@ -34,6 +35,9 @@ def test_device_check_runs_every_step_on_the_cpu(tmp_path):
     doc = json.loads((out / "device_check.json").read_text())
     assert doc["failed_steps"] == [] and set(doc["steps"]) == STEPS
     rows = {name: step["results"] for name, step in doc["steps"].items()}
+    ops = rows.pop("step_ops")[0]  # ops per step, beside e2e_synthetic's time per step
+    assert (ops["config"], ops["batch_size"]) == ("rsb_a3.yaml", rows["e2e_synthetic"][0]["batch_size"])
+    assert ops["total"] > ops["forward + backward"] > 0 and ops["optimizer"] > 0
     for name, results in rows.items():
         for row in results:
             assert row["images_per_sec"] > 0 and row["min"] <= row["images_per_sec"] <= row["max"], name
@@ -47,6 +51,8 @@ def test_device_check_runs_every_step_on_the_cpu(tmp_path):
         assert rows[f"loader_torch_{res}"][0]["decode"]["fallbacks"] == 0
     summary = (out / "summary.txt").read_text()
     assert "FAILED" not in summary and "tests (augment parity + sync audit): passed" in summary
+    assert f"ops per step, rsb_a3.yaml (resnet10t, lamb, batch 4, none): batch stage {ops['batch stage']:,.0f}" in summary
+    assert "us per dispatched op" in summary
     assert "ok" in (out / "device_check.log").read_text()
 
 
@@ -67,6 +73,19 @@ def test_summaries_show_failed_steps_as_failed_never_as_figures():
     assert any(line.startswith("model only, model no_channels_last: FAILED") for line in lines)  # wrote nothing
     assert any("compile: FAILED" in line for line in lines) and "model only >= 5,000 img/s: MISSED" in lines
     assert lines[-1] == "FAILED steps: model_compile"
+
+
+def test_summary_puts_ops_per_step_beside_the_steps_time():
+    machine = {"gpu": {"name": "H100"}, "versions": {}, "cpu_cores": 16}
+    ops = {"config": "rsb_a3.yaml", "model": "resnet50", "optim": "lamb", "batch_size": 256, "amp": "bf16",
+           "batch stage": 1000, "forward + backward": 900, "optimizer": 42, "EMA": 0, "total": 1943}
+    e2e = {"batch_size": 256, "world_size": 1, "images_per_sec": 2560.0, "min": 2500.0, "max": 2600.0, "data_stall": 0.0}
+    docs = {"step_ops": {"machine": machine, "results": [ops]}, "e2e_synthetic": {"machine": machine, "results": [e2e]}}
+    lines = summarize(docs, failed=[])
+    assert ("ops per step, rsb_a3.yaml (resnet50, lamb, batch 256, bf16): batch stage 1,000, forward + backward 900, "
+            "optimizer 42, EMA 0; 1,943 in all") in lines
+    assert "e2e_synthetic: 100.0 ms per step, 51.5 us per dispatched op" in lines  # 256 images at 2,560 img/s
+    assert "ops per step: FAILED" in summarize(docs, failed=["step_ops"])
 
 
 def test_table_lists_every_result_row(tmp_path):

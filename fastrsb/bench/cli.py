@@ -1,4 +1,4 @@
-"""`fastrsb bench loader | model | e2e | scaling`."""
+"""`fastrsb bench loader | model | step | e2e | scaling`."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,19 @@ def _scaling(args) -> int:
     return 0
 
 
+def _step(args) -> int:
+    from fastrsb.bench.report import print_table, write_result
+    from fastrsb.bench.step import bench_step
+    from fastrsb.trainer import STEP_PARTS
+
+    rows = [bench_step(config, args.overrides, args.batch_size, args.res, args.steps, args.device)
+            for config in args.config]
+    print_table(rows, ["config", "model", "optim", "batch_size", "amp", *STEP_PARTS, "total", "min", "max"])
+    if args.json:
+        write_result(args.json, "step", rows)
+    return 0
+
+
 def _reporting_errors(handler):
     """A benchmark's user errors (no GPU for --device cuda, a bad config key, missing data) as one line
     naming the setting, exit 2, before any measurement."""
@@ -98,7 +111,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="throughput benchmarks: loader, model, e2e, scaling")
+    bench = sub.add_parser("bench", help="benchmarks: loader, model, step (ops), e2e, scaling")
     bsub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
 
     p = bsub.add_parser("loader", help="loader-only images/sec, side by side (+ bare libraries and decode limit)")
@@ -129,6 +142,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--steps", type=int, default=20, help="measured steps per repeat")
     _common(m)
     m.set_defaults(func=_reporting_errors(_model))
+
+    s = bsub.add_parser("step", help="aten ops dispatched per train step, by part, on the GPU's code paths",
+                        description="aten ops one train step of each recipe dispatches: batch stage, forward + "
+                                    "backward, optimizer, EMA; synthetic data, cuda's settings on any device; "
+                                    "extra --section.key=value override the recipes")
+    s.add_argument("--config", required=True, nargs="+", help="one or more recipes, a row each")
+    s.add_argument("--batch-size", type=int, default=2,
+                   help="the counted steps' batch (default 2; the batch stage is counted at the recipe's data.batch_size, "
+                        "where RandAugment forms as many op groups as in training)")
+    s.add_argument("--res", type=int, default=64,
+                   help="train resolution (default 64; counts do not depend on it while a ResNet's last feature map is "
+                        "over 1x1, i.e. above 32 px)")
+    s.add_argument("--steps", type=int, default=3, help="steps counted after one warm-up step (default 3)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--json", default=None, help="write results with machine, versions and command")
+    s.set_defaults(func=_reporting_errors(_step), accepts_overrides=True)
 
     for name, fn, helptext in (("e2e", _e2e, "real loader + augment + train step: images/sec and data stall"),
                                ("scaling", _scaling, "e2e at several process counts (torchrun), scaling efficiency")):

@@ -363,11 +363,12 @@ def bench_e2e(config: str, data: str, backend: str, steps: int, repeats: int, ov
         ips, stall = _measure_steps(trainer, steps, repeats)
         decode = getattr(trainer.cfg.data, DECODER_KEY[backend]) if backend in DECODER_KEY else None
         decoder = trainer.train_loader.decoder_name
+        batch_size = trainer.cfg.data.batch_size
     if not dist.is_main:  # rank 0 logs the global figures
         return {}
     s = _summary(ips)
     return {"backend": backend, **({"decode": decode} if decode else {}), "decoder": decoder, "config": Path(config).name,
-            "world_size": dist.world_size, "steps": steps, **s,
+            "world_size": dist.world_size, "batch_size": batch_size, "steps": steps, **s,
             "data_stall": float(np.median(stall)), "data_stall_max": float(max(stall)), "device": str(dist.device)}
 
 
