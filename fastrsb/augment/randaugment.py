@@ -9,7 +9,7 @@ Each op reproduces the PIL operation timm calls (ImageOps/ImageEnhance/Image.tra
 data, including PIL's integer rounding, so timm's PIL implementation is the test oracle.
 
 Two implementations share the decisions: the torch ops below (any device; what runs on cuda) and, on
-the CPU, the per-image numba kernels of randaugment_cpu.py (bit-exact with PIL, and several times
+the CPU, the per-image numba kernels of randaugment_numba.py (bit-exact with PIL, and several times
 faster there: the torch ops are memory-bound on a CPU). `impl` chooses; "auto" takes the kernels on
 the CPU and the torch ops elsewhere.
 """
@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import torch
 
-from fastrsb.augment import randaugment_cpu as kernels
+from fastrsb.augment import randaugment_numba as kernels
 from fastrsb.augment import randaugment_torch as torch_ops
 from fastrsb.augment.parcel import Parcel
 from fastrsb.config import resolve_randaugment_impl
@@ -130,7 +130,7 @@ def kernel_op(name: str, arg: torch.Tensor, h: int, w: int) -> tuple[int, torch.
 def run_kernels(images: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """Run a kernel program on uint8 (N,H,W,3) CPU images: ops codes[l, i] with params[l, i] (IDENTITY
     = none) applied to image i layer after layer, images in parallel on torch's intra-op thread count.
-    `scratch`, like `images`, holds intermediate results (KernelOps keeps one across calls)."""
+    `scratch`, like `images`, holds intermediate results (NumbaOps keeps one across calls)."""
     out = torch.empty_like(images)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     previous = numba.set_parallel_chunksize(1)  # an image costs 3 to 300 us: hand them out one at a time
@@ -242,8 +242,8 @@ class _TorchPlan:
     restore: slice  # parcel slice: the order that puts the samples back
 
 
-class KernelOps:
-    """The numba kernels of randaugment_cpu.py, CPU only: each image runs its own ops in order, in
+class NumbaOps:
+    """The numba kernels of randaugment_numba.py, CPU only: each image runs its own ops in order, in
     parallel over images. They read the kernel program from host memory: nothing goes into the parcel."""
 
     def __init__(self):
@@ -312,9 +312,9 @@ class TorchOps:
         return torch.index_select(work, 0, sent[plan.restore].long(), out=torch.empty_like(work))
 
 
-def create_ops(impl: str, device: torch.device) -> KernelOps | TorchOps:
+def create_ops(impl: str, device: torch.device) -> NumbaOps | TorchOps:
     """augment.randaugment_impl's choice for `device` ('auto': the kernels on the CPU, the torch ops elsewhere)."""
-    return KernelOps() if resolve_randaugment_impl(impl, device.type) == "numba" else TorchOps()
+    return NumbaOps() if resolve_randaugment_impl(impl, device.type) == "numba" else TorchOps()
 
 
 class RandAugment:

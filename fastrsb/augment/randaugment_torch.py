@@ -6,8 +6,8 @@ Nothing here reads a device value on the host, copies host data to the device or
 whose size depends on the data, so a GPU never waits on the host (the parameters arrive in the
 batch's one host->device copy, fastrsb.augment.parcel).
 
-Each op reproduces the PIL call timm makes bit for bit, in PIL's own arithmetic, like the CPU kernels
-of randaugment_cpu.py: integer tables and integer sums, float32 blends (as separate multiply and add
+Each op reproduces the PIL call timm makes bit for bit, in PIL's own arithmetic, like the numba kernels
+of randaugment_numba.py: integer tables and integer sums, float32 blends (as separate multiply and add
 kernels, never fused, so no FMA changes a rounding), double-precision bilinear sampling for the
 geometric ops (PIL computes the sample point and the interpolation in double and truncates), and
 divisions only of tensor by tensor (torch computes `scalar / tensor`, and on cuda `tensor / scalar`,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrsb.augment import randaugment_cpu as k
+from fastrsb.augment import randaugment_numba as k
 
 
 def _factor(params: torch.Tensor) -> torch.Tensor:

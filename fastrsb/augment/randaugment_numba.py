@@ -1,8 +1,8 @@
 """timm's RandAugment ops as per-image CPU kernels (numba), bit-exact with the PIL calls timm makes.
 
-Why a second implementation beside the torch ops in randaugment.py: on a CPU those ops are memory-bound
-(several float passes over each op group plus gathers of the whole batch per layer), slower than
-timm's per-image PIL spread over the same cores. Here one thread takes an image through all of its
+Why a second implementation beside the torch ops of randaugment_torch.py: on a CPU those ops are
+memory-bound (several float passes over each op group plus gathers of the whole batch per layer), slower
+than timm's per-image PIL spread over the same cores. Here one thread takes an image through all of its
 ops while it sits in cache: each op is one pass in PIL's own arithmetic (integer tables, float32
 blends, double-precision bilinear sampling), so the result is PIL's to the bit, and the geometric ops
 that move whole rows (shears, translations) run as contiguous, vectorizable row segments instead of a
