@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrsb.augment import randaugment_numba as k
+from fastrsb.augment.op_table import KERNEL
 
 
 def _factor(params: torch.Tensor) -> torch.Tensor:
@@ -176,8 +176,12 @@ def affine(img: torch.Tensor, params: torch.Tensor, fill: torch.Tensor) -> torch
     return torch.where(inside.view(m, -1, 1), out, fill).view(m, h, w, 3)
 
 
-# the op of each kernel op code but AFFINE (which also takes the fill colour): the same program,
-# codes and parameters, runs on either implementation
-OPS = {k.AUTOCONTRAST: auto_contrast, k.EQUALIZE: equalize, k.INVERT: invert, k.POSTERIZE: posterize,
-       k.SOLARIZE: solarize, k.SOLARIZE_ADD: solarize_add, k.COLOR: color, k.CONTRAST: contrast,
-       k.BRIGHTNESS: brightness, k.SHARPNESS: sharpness}
+# the torch op of each kernel but AFFINE, by op code (the same program runs on either implementation)
+_OPS = {KERNEL.AUTOCONTRAST: auto_contrast, KERNEL.EQUALIZE: equalize, KERNEL.INVERT: invert,
+        KERNEL.POSTERIZE: posterize, KERNEL.SOLARIZE: solarize, KERNEL.SOLARIZE_ADD: solarize_add,
+        KERNEL.COLOR: color, KERNEL.CONTRAST: contrast, KERNEL.BRIGHTNESS: brightness, KERNEL.SHARPNESS: sharpness}
+
+
+def apply(code: int, img: torch.Tensor, params: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """The kernel of op code `code` on a group of images (AFFINE also takes the fill colour)."""
+    return affine(img, params, fill) if code == KERNEL.AFFINE else _OPS[code](img, params)
