@@ -10,7 +10,7 @@ CORE = [
     "torchvision>=0.26,<1",
     "timm>=1.0",
     "numpy",
-    "numba",  # RandAugment's CPU kernels (fastrsb/augment/randaugment_cpu.py)
+    "numba",  # RandAugment's CPU kernels (fastrsb/augment/randaugment_numba.py)
     "pillow",
     "pyyaml",
     "tqdm",

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from benchmarks.imagenet_like import _photos
-from fastrsb.augment.randaugment import IMAGENET_FILL, RandAugment
+from fastrsb.augment.op_table import IMAGENET_FILL
+from fastrsb.augment.randaugment import RandAugment
 from fastrsb.bench.report import paired_ratio, print_table, summarize, write_result
 from fastrsb.config import resolve_randaugment_impl
 

@@ -13,18 +13,20 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import auto_augment as aa
 
-from fastrsb.augment import BatchAugment, apply_op
-from fastrsb.augment.randaugment import (IMAGENET_FILL, RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, SIGNED, RandAugment,
-                                         apply_op_args, level_to_arg, parse_rand_augment)
+from fastrsb.augment import BatchAugment, apply_op, op_table
+from fastrsb.augment.op_table import IMAGENET_FILL, level_to_arg
+from fastrsb.augment.randaugment import (RAND_INCREASING_TRANSFORMS, RAND_TRANSFORMS, RandAugment, apply_op_args,
+                                         parse_rand_augment)
 from fastrsb.config import AugmentConfig
 
 # (device, impl): the CPU runs both implementations (the numba kernels it uses by default, and the torch
 # ops that are the cuda path's CPU twin); on a machine with a GPU the torch ops also run on cuda
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TARGETS = [("cpu", "numba"), ("cpu", "torch")] + [("cuda", "torch")] * torch.cuda.is_available()
-OPS = sorted(set(RAND_TRANSFORMS + RAND_INCREASING_TRANSFORMS) | {"PosterizeOriginal"})
+OPS = sorted(set(RAND_TRANSFORMS + RAND_INCREASING_TRANSFORMS) | set(op_table.OPS))  # every row of the op table
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 ENHANCE_INC = {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
+TIMM_SIGNED = GEOMETRIC | ENHANCE_INC  # the ops whose argument timm negates at random (_randomly_negate)
 
 
 def photographs() -> list[Image.Image]:
@@ -97,9 +99,9 @@ def test_tiny_images_match_timm(size, impl):
 
 @pytest.mark.parametrize("device,impl", TARGETS)
 def test_parity_in_both_directions_at_any_magnitude(device, impl):
-    """timm's own level -> argument mapping (its random negation included) at noisy magnitudes: our
-    level_to_arg gives the same double, and both implementations the same pixels, on a photograph whose
-    sides are odd and unequal (and on any in $FASTRSB_PARITY_IMAGES)."""
+    """timm's own level -> argument mapping (its random negation included; ops it never negates ignore
+    the sign) at noisy magnitudes: our level_to_arg gives the same double, and both implementations the
+    same pixels, on a photograph whose sides are odd and unequal (and on any in $FASTRSB_PARITY_IMAGES)."""
     hp = {"translate_const": 100, "img_mean": IMAGENET_FILL}
     rng = np.random.default_rng(0)
     images = [photographs()[2].resize((97, 61))] + photographs()[3:]
@@ -107,8 +109,10 @@ def test_parity_in_both_directions_at_any_magnitude(device, impl):
         for level in rng.uniform(0, 10, 8):
             random.seed(int(rng.integers(1 << 30)))
             args = aa.LEVEL_TO_ARG[name](level, hp) if aa.LEVEL_TO_ARG[name] else ()
-            negated = bool(args) and name in SIGNED and (args[0] < 1.0 if name in ENHANCE_INC else args[0] < 0)
-            ours = level_to_arg(name, torch.tensor([level], dtype=torch.float64), torch.tensor([-1.0 if negated else 1.0]))
+            negated = bool(args) and name in TIMM_SIGNED and (args[0] < 1.0 if name in ENHANCE_INC else args[0] < 0)
+            # an op timm never negates must ignore the drawn sign: it gets -1
+            sign = -1.0 if negated or name not in TIMM_SIGNED else 1.0
+            ours = level_to_arg(name, torch.tensor([level], dtype=torch.float64), torch.tensor([sign]))
             if args:
                 assert ours.item() == args[0], (name, level, ours.item(), args)
             try:
@@ -224,8 +228,8 @@ def test_batched_randaugment_applies_each_samples_own_ops_in_order(impl):
         for layer in range(ra.spec.num_layers):
             if d["apply"][layer, i]:
                 name = ops[d["op"][layer, i]]
-                sign = d["sign"][layer, i:i + 1] if name in SIGNED else torch.ones(1)
-                x = apply_op_args(x, name, level_to_arg(name, d["magnitude"][layer, i:i + 1], sign), impl)
+                arg = level_to_arg(name, d["magnitude"][layer, i:i + 1], d["sign"][layer, i:i + 1])
+                x = apply_op_args(x, name, arg, impl)
         assert torch.equal(out[i], x[0].permute(2, 0, 1)), i
     nchw = apply_op(batch.contiguous(), "Rotate", 5, impl=impl)
     assert nchw.is_contiguous() and torch.equal(nchw, apply_op(batch, "Rotate", 5, impl=impl))

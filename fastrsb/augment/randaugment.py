@@ -8,10 +8,12 @@ so a batch costs a few vectorized torch calls per layer, not a Python loop over 
 Each op reproduces the PIL operation timm calls (ImageOps/ImageEnhance/Image.transform) on uint8
 data, including PIL's integer rounding, so timm's PIL implementation is the test oracle.
 
-Two implementations share the decisions: the torch ops below (any device; what runs on cuda) and, on
-the CPU, the per-image numba kernels of randaugment_cpu.py (bit-exact with PIL, and several times
-faster there: the torch ops are memory-bound on a CPU). `impl` chooses; "auto" takes the kernels on
-the CPU and the torch ops elsewhere.
+The decisions become a kernel program (an op code and six parameters per sample and layer) through the
+op table (op_table.py: each timm op's level -> argument mapping, sign and kernel). Two implementations
+run the program: the torch ops of randaugment_torch.py (any device; what runs on cuda) and, on the
+CPU, the per-image numba kernels of randaugment_numba.py (bit-exact with PIL, and several times
+faster there: the torch ops are memory-bound on a CPU). `impl` chooses; "auto" takes the numba
+kernels on the CPU and the torch ops elsewhere.
 """
 from __future__ import annotations
 
@@ -23,140 +25,28 @@ import numba
 import numpy as np
 import torch
 
-from fastrsb.augment import randaugment_cpu as kernels
+from fastrsb.augment import randaugment_numba as numba_kernels
 from fastrsb.augment import randaugment_torch as torch_ops
+from fastrsb.augment.op_table import IMAGENET_FILL, KERNEL, LEVEL_DENOM, level_to_arg, program_step
 from fastrsb.augment.parcel import Parcel
 from fastrsb.config import resolve_randaugment_impl
 
-LEVEL_DENOM = 10.0
 RAND_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
                    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
 RAND_INCREASING_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
                               "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
                               "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
                               "TranslateYRel"]
-# timm's ImageNet hparams: fill = round(255 * IMAGENET_DEFAULT_MEAN), translate_pct 0.45
-IMAGENET_FILL = (124, 116, 104)
-TRANSLATE_PCT = 0.45
-
-# ops whose level -> argument mapping negates the value with probability 1/2 (timm's _randomly_negate)
-SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY",
-          "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
-
-
-def level_to_arg(name: str, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """timm's LEVEL_TO_ARG, vectorized: level (M,) magnitudes, sign (M,) of +-1 -> float64 (M,), the
-    double-precision value timm computes (PIL casts enhance factors to float32 itself)."""
-    lv, sign = level.double() / LEVEL_DENOM, sign.double()
-    if name == "Rotate":
-        return lv * 30.0 * sign
-    if name in ("ShearX", "ShearY"):
-        return lv * 0.3 * sign
-    if name in ("TranslateXRel", "TranslateYRel"):
-        return lv * TRANSLATE_PCT * sign
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        return lv * 1.8 + 0.1
-    if name.endswith("Increasing") and name[:-10] in ("Color", "Contrast", "Brightness", "Sharpness"):
-        return torch.clamp(1.0 + lv * 0.9 * sign, min=0.1)
-    if name == "Posterize":
-        return torch.floor(lv * 4)
-    if name == "PosterizeIncreasing":
-        return 4 - torch.floor(lv * 4)
-    if name == "PosterizeOriginal":
-        return torch.floor(lv * 4) + 4
-    if name == "Solarize":
-        return torch.clamp(torch.floor(lv * 256), max=256)
-    if name == "SolarizeIncreasing":
-        return 256 - torch.clamp(torch.floor(lv * 256), max=256)
-    if name == "SolarizeAdd":
-        return torch.clamp(torch.floor(lv * 110), max=128)
-    if name in ("AutoContrast", "Equalize", "Invert"):
-        return torch.zeros_like(lv)
-    raise KeyError(f"unknown RandAugment op {name!r}")
-
-
-GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-
-
-def _rotate_matrix(degrees: float, w: int, h: int) -> list[float]:
-    """PIL Image.rotate(degrees) (counter-clockwise about (w/2, h/2), same size) as the inverse map it
-    hands to Image.transform, with PIL's own arithmetic: angle taken mod 360, sin/cos rounded to 15
-    digits, the centre shift folded into the offsets."""
-    angle = -math.radians(degrees % 360.0)
-    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
-    d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
-    cx, cy = w / 2.0, h / 2.0
-    return [a, b, a * -cx + b * -cy + 0.0 + cx, d, e, d * -cx + e * -cy + 0.0 + cy]
-
-
-def affine_coefficients(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The (M, 6) float64 inverse-map coefficients timm's geometric op `name` passes to PIL's
-    Image.transform(AFFINE) for args (M,): output pixel centre (xc, yc) samples the input at
-    (a0 xc + a1 yc + a2, a3 xc + a4 yc + a5)."""
-    arg = arg.double()
-    if name == "Rotate":
-        return torch.tensor([_rotate_matrix(a, w, h) for a in arg.tolist()], dtype=torch.float64).view(-1, 6)
-    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
-    if name == "ShearX":
-        return torch.stack([one, arg, zero, zero, one, zero], 1)
-    if name == "ShearY":
-        return torch.stack([one, zero, zero, arg, one, zero], 1)
-    if name == "TranslateXRel":  # timm: pixels = pct * width
-        return torch.stack([one, zero, arg * w, zero, one, zero], 1)
-    if name == "TranslateYRel":
-        return torch.stack([one, zero, zero, zero, one, arg * h], 1)
-    raise KeyError(f"{name!r} is not a geometric RandAugment op")
-
-
-# the kernel op code of each timm op, by its name without Increasing/Original
-_KERNEL_CODE = {"AutoContrast": kernels.AUTOCONTRAST, "Equalize": kernels.EQUALIZE, "Invert": kernels.INVERT,
-                "Posterize": kernels.POSTERIZE, "Solarize": kernels.SOLARIZE, "SolarizeAdd": kernels.SOLARIZE_ADD,
-                "Color": kernels.COLOR, "Contrast": kernels.CONTRAST, "Brightness": kernels.BRIGHTNESS,
-                "Sharpness": kernels.SHARPNESS, **{g: kernels.AFFINE for g in GEOMETRIC}}
-
-
-def kernel_op(name: str, arg: torch.Tensor, h: int, w: int) -> tuple[int, torch.Tensor]:
-    """(kernel op code, (M, 6) float64 params) for op `name` with args (M,) on h x w images."""
-    base = name.removesuffix("Increasing").removesuffix("Original")
-    if base not in _KERNEL_CODE:
-        raise KeyError(f"unknown RandAugment op {name!r}")
-    if name in GEOMETRIC:
-        return kernels.AFFINE, affine_coefficients(name, arg, h, w)
-    params = torch.zeros(arg.shape[0], 6, dtype=torch.float64)
-    params[:, 0] = arg
-    return _KERNEL_CODE[base], params
-
-
-def run_kernels(images: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Run a kernel program on uint8 (N,H,W,3) CPU images: ops codes[l, i] with params[l, i] (IDENTITY
-    = none) applied to image i layer after layer, images in parallel on torch's intra-op thread count.
-    `scratch`, like `images`, holds intermediate results (KernelOps keeps one across calls)."""
-    out = torch.empty_like(images)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    previous = numba.set_parallel_chunksize(1)  # an image costs 3 to 300 us: hand them out one at a time
-    try:
-        kernels.run_program(images.numpy(), out.numpy(), scratch.numpy(), codes.numpy(), params.numpy(),
-                            np.asarray(IMAGENET_FILL, np.uint8))
-    finally:
-        numba.set_parallel_chunksize(previous)
-    return out
 
 
 def apply_op_args(images: torch.Tensor, name: str, arg: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Apply op `name` with per-sample PIL-level arguments `arg` (M,) to uint8 (M,H,W,3) NHWC images."""
     h, w = images.shape[1:3]
-    code, params = kernel_op(name, arg, h, w)
+    code, params = program_step(name, arg, h, w)
     ops = create_ops(impl, images.device)
     parcel = Parcel()
     plan = ops.plan(torch.full((1, images.shape[0]), code, dtype=torch.int8), params.unsqueeze(0), parcel)
     return ops.run(images, plan, parcel.send(images) if len(parcel) else None)
-
-
-def _torch_op(images: torch.Tensor, code: int, params: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """The torch op of kernel op `code` (see randaugment_torch)."""
-    if code == kernels.AFFINE:
-        return torch_ops.affine(images, params, fill)
-    return torch_ops.OPS[code](images, params)
 
 
 def _nhwc(images: torch.Tensor) -> torch.Tensor:
@@ -242,9 +132,10 @@ class _TorchPlan:
     restore: slice  # parcel slice: the order that puts the samples back
 
 
-class KernelOps:
-    """The numba kernels of randaugment_cpu.py, CPU only: each image runs its own ops in order, in
-    parallel over images. They read the kernel program from host memory: nothing goes into the parcel."""
+class NumbaOps:
+    """The numba kernels of randaugment_numba.py, CPU only: each image runs its own ops in order, in
+    parallel over images on torch's intra-op thread count. They read the kernel program from host memory:
+    nothing goes into the parcel."""
 
     def __init__(self):
         self._buffer: torch.Tensor | None = None
@@ -254,7 +145,16 @@ class KernelOps:
 
     def run(self, images: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], sent: torch.Tensor | None) -> torch.Tensor:
         """uint8 (N,H,W,3) images through the program."""
-        return run_kernels(images, *plan, self._scratch(images))
+        codes, params = plan
+        out = torch.empty_like(images)
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        previous = numba.set_parallel_chunksize(1)  # an image costs 3 to 300 us: hand them out one at a time
+        try:
+            numba_kernels.run_program(images.numpy(), out.numpy(), self._scratch(images).numpy(), codes.numpy(),
+                                      params.numpy(), np.asarray(IMAGENET_FILL, np.uint8), KERNEL)
+        finally:
+            numba.set_parallel_chunksize(previous)
+        return out
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
         """The kernels' work buffer, kept across calls: a fresh batch-sized tensor would be page-faulted
@@ -291,7 +191,7 @@ class TorchOps:
             sorted_codes = code[order]
             starts = np.flatnonzero(np.diff(sorted_codes, prepend=-1))
             for start, stop in zip(starts, [*starts[1:], n]):
-                if sorted_codes[start] != kernels.IDENTITY:
+                if sorted_codes[start] != KERNEL.IDENTITY:
                     groups.append(_Group(int(sorted_codes[start]), int(start), int(stop),
                                          parcel.add(params[layer].numpy()[order[start:stop]])))
             planned.append(_Layer(gather, groups))
@@ -308,13 +208,18 @@ class TorchOps:
             # out= matters: index_select into a tensor it allocates itself takes a path ~5x slower on CPU
             work = torch.index_select(work, 0, sent[layer.gather].long(), out=torch.empty_like(work))
             for g in layer.groups:
-                work[g.start:g.stop] = _torch_op(work[g.start:g.stop], g.code, sent[g.params].view(-1, 6), self._fill)
+                params = sent[g.params].view(-1, 6)
+                work[g.start:g.stop] = torch_ops.apply(g.code, work[g.start:g.stop], params, self._fill)
         return torch.index_select(work, 0, sent[plan.restore].long(), out=torch.empty_like(work))
 
 
-def create_ops(impl: str, device: torch.device) -> KernelOps | TorchOps:
-    """augment.randaugment_impl's choice for `device` ('auto': the kernels on the CPU, the torch ops elsewhere)."""
-    return KernelOps() if resolve_randaugment_impl(impl, device.type) == "numba" else TorchOps()
+IMPLEMENTATIONS = {"numba": NumbaOps, "torch": TorchOps}  # by augment.randaugment_impl's names
+
+
+def create_ops(impl: str, device: torch.device) -> NumbaOps | TorchOps:
+    """augment.randaugment_impl's choice for `device` ('auto': the numba kernels on the CPU, the torch ops
+    elsewhere)."""
+    return IMPLEMENTATIONS[resolve_randaugment_impl(impl, device.type)]()
 
 
 class RandAugment:
@@ -374,14 +279,14 @@ class RandAugment:
         """The draws as a kernel program: op codes (layers, n) int8 (IDENTITY where no op applies) and
         their params (layers, n, 6) float64."""
         layers, n = d["op"].shape
-        codes = torch.zeros(layers, n, dtype=torch.int8)
+        codes = torch.full((layers, n), KERNEL.IDENTITY, dtype=torch.int8)
         params = torch.zeros(layers, n, 6, dtype=torch.float64)
         for k, name in enumerate(self.spec.ops):
             chosen = d["apply"] & (d["op"] == k)
             if not chosen.any():
                 continue
-            sign = d["sign"][chosen] if name in SIGNED else torch.ones(int(chosen.sum()))
-            codes[chosen], params[chosen] = kernel_op(name, level_to_arg(name, d["magnitude"][chosen], sign), h, w)
+            arg = level_to_arg(name, d["magnitude"][chosen], d["sign"][chosen])
+            codes[chosen], params[chosen] = program_step(name, arg, h, w)
         return codes, params
 
     def state_dict(self) -> dict:

@@ -6,8 +6,8 @@ Nothing here reads a device value on the host, copies host data to the device or
 whose size depends on the data, so a GPU never waits on the host (the parameters arrive in the
 batch's one host->device copy, fastrsb.augment.parcel).
 
-Each op reproduces the PIL call timm makes bit for bit, in PIL's own arithmetic, like the CPU kernels
-of randaugment_cpu.py: integer tables and integer sums, float32 blends (as separate multiply and add
+Each op reproduces the PIL call timm makes bit for bit, in PIL's own arithmetic, like the numba kernels
+of randaugment_numba.py: integer tables and integer sums, float32 blends (as separate multiply and add
 kernels, never fused, so no FMA changes a rounding), double-precision bilinear sampling for the
 geometric ops (PIL computes the sample point and the interpolation in double and truncates), and
 divisions only of tensor by tensor (torch computes `scalar / tensor`, and on cuda `tensor / scalar`,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrsb.augment import randaugment_cpu as k
+from fastrsb.augment.op_table import KERNEL
 
 
 def _factor(params: torch.Tensor) -> torch.Tensor:
@@ -176,8 +176,12 @@ def affine(img: torch.Tensor, params: torch.Tensor, fill: torch.Tensor) -> torch
     return torch.where(inside.view(m, -1, 1), out, fill).view(m, h, w, 3)
 
 
-# the op of each kernel op code but AFFINE (which also takes the fill colour): the same program,
-# codes and parameters, runs on either implementation
-OPS = {k.AUTOCONTRAST: auto_contrast, k.EQUALIZE: equalize, k.INVERT: invert, k.POSTERIZE: posterize,
-       k.SOLARIZE: solarize, k.SOLARIZE_ADD: solarize_add, k.COLOR: color, k.CONTRAST: contrast,
-       k.BRIGHTNESS: brightness, k.SHARPNESS: sharpness}
+# the torch op of each kernel but AFFINE, by op code (the same program runs on either implementation)
+_OPS = {KERNEL.AUTOCONTRAST: auto_contrast, KERNEL.EQUALIZE: equalize, KERNEL.INVERT: invert,
+        KERNEL.POSTERIZE: posterize, KERNEL.SOLARIZE: solarize, KERNEL.SOLARIZE_ADD: solarize_add,
+        KERNEL.COLOR: color, KERNEL.CONTRAST: contrast, KERNEL.BRIGHTNESS: brightness, KERNEL.SHARPNESS: sharpness}
+
+
+def apply(code: int, img: torch.Tensor, params: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """The kernel of op code `code` on a group of images (AFFINE also takes the fill colour)."""
+    return affine(img, params, fill) if code == KERNEL.AFFINE else _OPS[code](img, params)

@@ -1,14 +1,16 @@
 """timm's RandAugment ops as per-image CPU kernels (numba), bit-exact with the PIL calls timm makes.
 
-Why a second implementation beside the torch ops in randaugment.py: on a CPU those ops are memory-bound
-(several float passes over each op group plus gathers of the whole batch per layer), slower than
-timm's per-image PIL spread over the same cores. Here one thread takes an image through all of its
+Why a second implementation beside the torch ops of randaugment_torch.py: on a CPU those ops are
+memory-bound (several float passes over each op group plus gathers of the whole batch per layer), slower
+than timm's per-image PIL spread over the same cores. Here one thread takes an image through all of its
 ops while it sits in cache: each op is one pass in PIL's own arithmetic (integer tables, float32
 blends, double-precision bilinear sampling), so the result is PIL's to the bit, and the geometric ops
 that move whole rows (shears, translations) run as contiguous, vectorizable row segments instead of a
 per-pixel gather. The torch ops remain the implementation for cuda (and run on the CPU in tests).
 
-Every kernel reads `src` and writes `dst`, uint8 (H, W, 3) C-contiguous, distinct arrays.
+Every kernel reads `src` and writes `dst`, uint8 (H, W, 3) C-contiguous, distinct arrays. Which kernel
+runs for which op code is `apply`'s dispatch; the codes (fastrsb.augment.op_table.KERNEL) come in as an
+argument, `kernel`.
 """
 from __future__ import annotations
 
@@ -16,11 +18,6 @@ import math
 
 import numpy as np
 from numba import njit, prange
-
-# Op codes of the kernel program; params[..., 0] carries the op's PIL-level argument, AFFINE's
-# params are PIL's six inverse-map coefficients (output pixel centre -> input position).
-IDENTITY, AUTOCONTRAST, EQUALIZE, INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD = 0, 1, 2, 3, 4, 5, 6
-COLOR, CONTRAST, BRIGHTNESS, SHARPNESS, AFFINE = 7, 8, 9, 10, 11
 
 # Only the fast-math flags that cannot change a finite result: no contraction into FMA and no
 # reassociation, which would break bit-exactness with PIL's C arithmetic.
@@ -433,45 +430,46 @@ def affine(src, dst, a, fill):
 
 
 @njit(**_KW)
-def apply(code, p, src, dst, fill):
-    """One op of the program on one image."""
-    if code == AUTOCONTRAST:
+def apply(code, p, src, dst, fill, kernel):
+    """One op of the program on one image: the kernel of op code `code` (kernel: the KernelCodes)."""
+    if code == kernel.AUTOCONTRAST:
         autocontrast(src, dst)
-    elif code == EQUALIZE:
+    elif code == kernel.EQUALIZE:
         equalize(src, dst)
-    elif code == INVERT:
+    elif code == kernel.INVERT:
         invert(src, dst)
-    elif code == POSTERIZE:
+    elif code == kernel.POSTERIZE:
         posterize(src, dst, p[0])
-    elif code == SOLARIZE:
+    elif code == kernel.SOLARIZE:
         solarize(src, dst, p[0])
-    elif code == SOLARIZE_ADD:
+    elif code == kernel.SOLARIZE_ADD:
         solarize_add(src, dst, p[0])
-    elif code == COLOR:
+    elif code == kernel.COLOR:
         color(src, dst, p[0])
-    elif code == CONTRAST:
+    elif code == kernel.CONTRAST:
         contrast(src, dst, p[0])
-    elif code == BRIGHTNESS:
+    elif code == kernel.BRIGHTNESS:
         brightness(src, dst, p[0])
-    elif code == SHARPNESS:
+    elif code == kernel.SHARPNESS:
         sharpness(src, dst, p[0])
-    elif code == AFFINE:
+    elif code == kernel.AFFINE:
         affine(src, dst, p, fill)
     else:
         _copy(src, dst)
 
 
 @njit(parallel=True, **_KW)
-def run_program(src, dst, scratch, codes, params, fill):
-    """dst[i] = the ops codes[:, i] (IDENTITY: skipped) applied in order to src[i], each image in one
-    thread, ping-ponging between dst[i] and scratch[i] so the last op lands in dst[i].
-    src, dst, scratch (N, H, W, 3) uint8; codes (L, N) int; params (L, N, 6) float64; fill (3,) uint8."""
+def run_program(src, dst, scratch, codes, params, fill, kernel):
+    """dst[i] = the ops codes[:, i] (kernel.IDENTITY: skipped) applied in order to src[i], each image in
+    one thread, ping-ponging between dst[i] and scratch[i] so the last op lands in dst[i].
+    src, dst, scratch (N, H, W, 3) uint8; codes (L, N) int; params (L, N, 6) float64; fill (3,) uint8;
+    kernel: the KernelCodes."""
     n = src.shape[0]
     layers = codes.shape[0]
     for i in prange(n):
         todo = 0
         for layer in range(layers):
-            if codes[layer, i] != IDENTITY:
+            if codes[layer, i] != kernel.IDENTITY:
                 todo += 1
         if todo == 0:
             _copy(src[i], dst[i])
@@ -479,9 +477,9 @@ def run_program(src, dst, scratch, codes, params, fill):
         cur = src[i]
         for layer in range(layers):
             code = codes[layer, i]
-            if code == IDENTITY:
+            if code == kernel.IDENTITY:
                 continue
             out = dst[i] if todo % 2 == 1 else scratch[i]
-            apply(code, params[layer, i], cur, out, fill)
+            apply(code, params[layer, i], cur, out, fill, kernel)
             cur = out
             todo -= 1
