@@ -334,7 +334,7 @@ def convert_command(root: Path, manifest: dict) -> str:
     import shlex
     from dataclasses import fields
 
-    from dataprep.convert import Settings  # lazily: convert imports this module
+    from dataprep.settings import Settings
 
     given = manifest.get("settings", {})
     args = []

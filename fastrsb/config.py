@@ -25,7 +25,9 @@ class DataConfig:
     backend: Literal["ffcv", "dali", "torch", "synthetic"] = "ffcv"
     path: str = ""  # a directory written by `fastrsb convert` (holds manifest.json)
     batch_size: int = 256  # per process
-    workers: int = 0  # decode workers per process; 0 = all cores / local world size
+    # decode workers per process (PIL worker processes; ffcv's and DALI's threads; torch_decode=device decodes on the
+    # device from one reader thread and ignores it); 0 = all cores / local world size
+    workers: int = 0
     train_res: int = 224
     val_res: int = 224
     crop_pct: float = 0.875  # val: resize shorter side to val_res / crop_pct, center crop val_res

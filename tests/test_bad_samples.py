@@ -75,11 +75,11 @@ def test_every_backend_replaces_a_damaged_sample_alike_and_names_it_once_per_pas
         loader.set_epoch(epoch)
         images, labels = guarded(f"{spec} {split} epoch {epoch} with a damaged sample",
                                  lambda: list(zip(*[(b.images.clone(), b.targets.clone()) for b in loader])))
-        expected = _expected(loader.indices(), loader.batch_size, bad)
+        expected = _expected(loader.plan().indices, loader.batch_size, bad)
         assert sample_ids(data, split, images) == expected
         assert torch.cat(labels).tolist() == _labels(data, split, expected)  # each label with its image
         named = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("[data]")]
-        in_epoch = bad in loader.indices()
+        in_epoch = bad in loader.plan().indices
         assert len(named) == in_epoch and loader.bad_samples.in_pass == ({bad} if in_epoch else set()), named
         if in_epoch:
             assert re.match(rf"\[data\] {split} sample {bad} \(.*\) could not be decoded \(.+\); replaced by another "
@@ -131,7 +131,7 @@ def test_a_run_with_a_damaged_sample_finishes_counts_it_and_resumes_to_the_same_
     ref.fit()
     epochs = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in x]
-    in_epoch = [int(BAD["train"] in ref.train_loader.indices(e, 0)) for e in (0, 1)]
+    in_epoch = [int(BAD["train"] in ref.train_loader.plan(e, 0).indices) for e in (0, 1)]
     assert [e["bad_samples"] for e in epochs] == in_epoch and [e["val_bad_samples"] for e in epochs] == [1, 1]
     if spec == "ffcv:ffcv":
         return  # ffcv's own decoders draw unseeded crops: no run of theirs repeats, damaged or not

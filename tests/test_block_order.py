@@ -69,9 +69,9 @@ def test_every_backend_reads_the_block_order_and_resumes_in_it(coded_dataset, sp
     assert loader.blocks is not None and loader.blocks.block_samples < 10
     loader.set_epoch(1)
     images = guarded(f"{spec}: a block-order epoch", lambda: [b.images.clone() for b in loader])
-    indices = loader.indices()
+    indices = loader.plan().indices
     assert not np.array_equal(indices, create_loader(make_cfg(coded_dataset, backend, **decoder), "train",
-                                                     DistInfo()).indices(1))  # another order than random
+                                                     DistInfo()).plan(1).indices)  # another order than random
     if spec != "synthetic":
         assert sample_ids(coded_dataset, "train", images) == batched(indices, loader.batch_size)
     loader.set_epoch(1, start_batch=2)
@@ -86,7 +86,7 @@ def test_a_sample_gets_the_same_crop_in_block_and_random_order(small_dataset, ba
     def by_sample(**over) -> dict[int, torch.Tensor]:
         loader = create_loader(make_cfg(small_dataset, backend, **over), "train", DistInfo())
         images = torch.cat([b.images.clone() for b in loader])
-        return dict(zip(loader.indices().tolist(), images))
+        return dict(zip(loader.plan().indices.tolist(), images))
 
     random, block = by_sample(), by_sample(order="block", block_mb=0.01, window_blocks=3)
     common = sorted(set(random) & set(block))

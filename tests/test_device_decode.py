@@ -9,7 +9,7 @@ import torch
 
 from dataprep.layout import DatasetError
 from fastrsb.data import create_loader
-from fastrsb.data.sampler import epoch_indices
+from fastrsb.data.sampler import epoch_samples
 from fastrsb.dist import DistInfo
 from tests.test_loaders import collect, make_cfg
 
@@ -45,8 +45,8 @@ def test_batch_contract_and_the_samplers_order(small_dataset, split):
         assert x.is_contiguous(memory_format=torch.channels_last)
         assert y.dtype == torch.int64 and y.shape == (x.shape[0],)
     info = open_dataset(small_dataset).split(split)
-    expect = epoch_indices(info.num_samples, seed=5, epoch=0, rank=0, world_size=1, batch_size=8,
-                           shuffle=split == "train", drop_last=split == "train")
+    expect = epoch_samples(info.num_samples, seed=5, epoch=0, rank=0, world_size=1, batch_size=8,
+                           shuffle=split == "train", drop_last=split == "train")[0]
     assert torch.cat(tgts).tolist() == info.labels[expect].tolist()
 
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from fastrsb.data.crops import flip_of, random_resized_crop
-from fastrsb.data.ffcv_decode import center_crop_geometry, jpeg_mcu_size, resample
+from fastrsb.data.crops import center_crop_geometry
+from fastrsb.data.ffcv_decode import jpeg_mcu_size, resample
 from fastrsb.data.sampler import augmentation_keys
 from tests.datagen import textured
 

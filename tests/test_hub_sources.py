@@ -122,15 +122,15 @@ def test_loaders_give_a_hub_datasets_own_labels(hub, backend):
     import torch
 
     from fastrsb.data import create_loader
-    from fastrsb.data.sampler import epoch_indices
+    from fastrsb.data.sampler import epoch_samples
     from fastrsb.dist import DistInfo
     from tests.test_loaders import collect, make_cfg
 
     out = hub[0] / "out_wds"
     info = open_dataset(out).split("val")
     _, targets = collect(create_loader(make_cfg(out, backend), "val", DistInfo()))
-    expect = epoch_indices(info.num_samples, seed=5, epoch=0, rank=0, world_size=1, batch_size=8, shuffle=False,
-                           drop_last=False)
+    expect = epoch_samples(info.num_samples, seed=5, epoch=0, rank=0, world_size=1, batch_size=8, shuffle=False,
+                           drop_last=False)[0]
     source_labels = np.array([int(info.listing_row(i)["label"]) for i in range(info.num_samples)])
     assert source_labels.tolist() != sorted(source_labels.tolist())
     assert torch.cat(targets).tolist() == source_labels[expect].tolist()

@@ -13,7 +13,7 @@ import torch
 from dataprep.layout import open_dataset
 from fastrsb.config import ConfigError, load_config
 from fastrsb.data import BACKENDS, LoaderError, create_loader
-from fastrsb.data.sampler import epoch_indices
+from fastrsb.data.sampler import epoch_samples
 from fastrsb.dist import DistInfo
 from tests.datagen import sample_ids
 
@@ -58,8 +58,8 @@ def test_batch_contract(small_dataset, backend, split):
     if backend == "synthetic":
         return
     info = open_dataset(small_dataset).split(split)
-    expect = epoch_indices(info.num_samples, seed=5, epoch=0, rank=0, world_size=1, batch_size=BS,
-                           shuffle=split == "train", drop_last=split == "train")
+    expect = epoch_samples(info.num_samples, seed=5, epoch=0, rank=0, world_size=1, batch_size=BS,
+                           shuffle=split == "train", drop_last=split == "train")[0]
     # the label sequence is the shared sampler's order, in every backend
     assert torch.cat(tgts).tolist() == info.labels[expect].tolist()
     if split == "val":
@@ -147,7 +147,7 @@ def test_every_backend_visits_the_same_images_in_the_same_order_on_every_rank(co
     per_rank = []
     for rank in range(2):
         d = DistInfo(rank=rank, world_size=2, local_rank=rank, local_world_size=2)
-        idx = epoch_indices(n, seed=0, epoch=3, rank=rank, world_size=2, batch_size=4, num_repeats=num_repeats)
+        idx = epoch_samples(n, seed=0, epoch=3, rank=rank, world_size=2, batch_size=4, num_repeats=num_repeats)[0]
         if num_repeats > 1:
             timm_s = RepeatAugSampler(range(n), num_replicas=2, rank=rank, num_repeats=num_repeats)
             timm_s.set_epoch(3)
@@ -175,7 +175,7 @@ def test_determinism_resume_and_epochs(coded_dataset, backend):
     b = create_loader(cfg, "train", DistInfo())
     b.set_epoch(1)
     imgs_b, _ = collect(b)
-    assert ids(imgs_a) == ids(imgs_b) == batched(epoch_indices(42, seed=5, epoch=1, rank=0, world_size=1, batch_size=4), 4)
+    assert ids(imgs_a) == ids(imgs_b) == batched(epoch_samples(42, seed=5, epoch=1, rank=0, world_size=1, batch_size=4)[0], 4)
     # resume mid-epoch: the remaining batches are the images an uninterrupted run sees
     b.set_epoch(1, start_batch=3)
     imgs_r, _ = collect(b)
@@ -189,13 +189,13 @@ def test_determinism_resume_and_epochs(coded_dataset, backend):
     # the offset applies once; the next epoch is whole and in its own order
     b.set_epoch(2)
     imgs_next, _ = collect(b)
-    assert ids(imgs_next) == batched(epoch_indices(42, seed=5, epoch=2, rank=0, world_size=1, batch_size=4), 4)
+    assert ids(imgs_next) == batched(epoch_samples(42, seed=5, epoch=2, rank=0, world_size=1, batch_size=4)[0], 4)
     if backend == "dali":  # epoch 2 followed epoch 1: it ran on the pipeline primed at the end of epoch 1
         pipeline = b._iter
         b.set_epoch(3)
         imgs_3, _ = collect(b)
-        assert b._iter is pipeline and ids(imgs_3)[0] == epoch_indices(42, seed=5, epoch=3, rank=0, world_size=1,
-                                                                        batch_size=4)[:4].tolist()
+        assert b._iter is pipeline and ids(imgs_3)[0] == epoch_samples(42, seed=5, epoch=3, rank=0, world_size=1,
+                                                                        batch_size=4)[0][:4].tolist()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -299,7 +299,7 @@ def test_two_process_gloo_run(coded_dataset, tmp_path):
     n_val = open_dataset(coded_dataset).split("val").num_samples
     val_seen = []
     for rank, got in enumerate(per_rank):
-        expect = batched(epoch_indices(n_train, seed=5, epoch=2, rank=rank, world_size=2, batch_size=4), 4)
+        expect = batched(epoch_samples(n_train, seed=5, epoch=2, rank=rank, world_size=2, batch_size=4)[0], 4)
         val = ids("val", got["ffcv/val"])
         for backend in FILE_BACKENDS:
             assert ids("train", got[backend + "/train"]) == expect, (backend, rank)

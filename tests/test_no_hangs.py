@@ -76,7 +76,7 @@ def test_leaving_an_epoch_at_any_position_returns_and_the_next_epoch_is_whole(co
     assert len(images) == len(loader)
     assert next(held, None) is None  # the held epoch was ended when the next one started
     if spec != "synthetic":  # the whole epoch, in the sampler's order: nothing of the left epochs came along
-        assert sample_ids(coded_dataset, "train", images) == batched(loader.indices(), loader.batch_size)
+        assert sample_ids(coded_dataset, "train", images) == batched(loader.plan().indices, loader.batch_size)
 
 
 @pytest.mark.parametrize("spec", ["ffcv", "dali", "torch", "torch:device"])

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from timm.data.distributed_sampler import RepeatAugSampler
 
-from fastrsb.data.sampler import epoch_indices, epoch_length, repeat_aug_length
+from fastrsb.data.sampler import epoch_samples, epoch_length, repeat_aug_length
 
 
 def _all_ranks(n, world, **kw):
-    return [epoch_indices(n, rank=r, world_size=world, **kw) for r in range(world)]
+    return [epoch_samples(n, rank=r, world_size=world, **kw)[0] for r in range(world)]
 
 
 @pytest.mark.parametrize("n,world,bs", [(100, 1, 8), (101, 2, 8), (1000, 4, 32), (7, 2, 2)])
@@ -29,10 +29,10 @@ def test_val_covers_every_sample_exactly_once_without_padding(n, world, bs):
 
 
 def test_seeded_shuffle_changes_with_epoch_and_seed_only():
-    a = epoch_indices(500, seed=1, epoch=0, rank=0, world_size=1, batch_size=10)
-    assert np.array_equal(a, epoch_indices(500, seed=1, epoch=0, rank=0, world_size=1, batch_size=10))
-    assert not np.array_equal(a, epoch_indices(500, seed=1, epoch=1, rank=0, world_size=1, batch_size=10))
-    assert not np.array_equal(a, epoch_indices(500, seed=2, epoch=0, rank=0, world_size=1, batch_size=10))
+    a = epoch_samples(500, seed=1, epoch=0, rank=0, world_size=1, batch_size=10)[0]
+    assert np.array_equal(a, epoch_samples(500, seed=1, epoch=0, rank=0, world_size=1, batch_size=10)[0])
+    assert not np.array_equal(a, epoch_samples(500, seed=1, epoch=1, rank=0, world_size=1, batch_size=10)[0])
+    assert not np.array_equal(a, epoch_samples(500, seed=2, epoch=0, rank=0, world_size=1, batch_size=10)[0])
 
 
 def test_seed_zero_is_torchs_distributed_sampler_order():
@@ -41,7 +41,7 @@ def test_seed_zero_is_torchs_distributed_sampler_order():
     for rank in range(3):
         s = DistributedSampler(range(100), num_replicas=3, rank=rank, shuffle=True, seed=0, drop_last=True)
         s.set_epoch(4)
-        ours = epoch_indices(100, seed=0, epoch=4, rank=rank, world_size=3, batch_size=1)
+        ours = epoch_samples(100, seed=0, epoch=4, rank=rank, world_size=3, batch_size=1)[0]
         assert ours.tolist() == list(s)
 
 
@@ -52,7 +52,7 @@ def test_repeated_augmentation_matches_timm(n, world, repeats):
             timm_s = RepeatAugSampler(range(n), num_replicas=world, rank=rank, shuffle=True, num_repeats=repeats)
             timm_s.set_epoch(epoch)
             ref = list(timm_s)
-            ours = epoch_indices(n, seed=0, epoch=epoch, rank=rank, world_size=world, batch_size=1, num_repeats=repeats)
+            ours = epoch_samples(n, seed=0, epoch=epoch, rank=rank, world_size=world, batch_size=1, num_repeats=repeats)[0]
             assert ours.tolist() == ref
             assert len(timm_s) == repeat_aug_length(n, world, repeats)
 
@@ -71,9 +71,9 @@ def test_repeated_copies_land_on_different_ranks():
 
 @pytest.mark.parametrize("repeats", [1, 3])
 def test_start_batch_resumes_exactly(repeats):
-    full = epoch_indices(1000, seed=7, epoch=2, rank=1, world_size=2, batch_size=16, num_repeats=repeats)
+    full = epoch_samples(1000, seed=7, epoch=2, rank=1, world_size=2, batch_size=16, num_repeats=repeats)[0]
     for k in (0, 1, 5, len(full) // 16):
-        rest = epoch_indices(1000, seed=7, epoch=2, rank=1, world_size=2, batch_size=16, num_repeats=repeats, start_batch=k)
+        rest = epoch_samples(1000, seed=7, epoch=2, rank=1, world_size=2, batch_size=16, num_repeats=repeats, start_batch=k)[0]
         assert rest.tolist() == full[k * 16:].tolist()
 
 
@@ -85,12 +85,12 @@ def test_epoch_length_is_the_length_of_the_epoch_without_drawing_it():
                     for drop_last in (True, False):
                         kw = dict(world_size=world, batch_size=bs, num_repeats=repeats, drop_last=drop_last)
                         for rank in range(world):
-                            drawn = epoch_indices(n, seed=1, epoch=0, rank=rank, shuffle=drop_last, **kw)
+                            drawn = epoch_samples(n, seed=1, epoch=0, rank=rank, shuffle=drop_last, **kw)[0]
                             assert epoch_length(n, rank=rank, **kw) == len(drawn), (n, rank, kw)
 
 
 def test_bad_arguments_are_errors():
     with pytest.raises(ValueError, match="rank"):
-        epoch_indices(10, seed=0, epoch=0, rank=2, world_size=2, batch_size=1)
+        epoch_samples(10, seed=0, epoch=0, rank=2, world_size=2, batch_size=1)[0]
     with pytest.raises(ValueError, match="num_repeats"):
-        epoch_indices(10, seed=0, epoch=0, rank=0, world_size=1, batch_size=1, num_repeats=0)
+        epoch_samples(10, seed=0, epoch=0, rank=0, world_size=1, batch_size=1, num_repeats=0)[0]

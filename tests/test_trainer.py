@@ -447,12 +447,12 @@ def _one_process_weights(tmp_path, *extra) -> tuple[dict, dict]:
 
 
 def test_ranks_batches_make_up_the_one_process_batch():
-    from fastrsb.data.sampler import epoch_indices
+    from fastrsb.data.sampler import epoch_samples
 
     n = 2 * DDP_BATCH * DDP_STEPS
     for epoch in (0, 1):
-        one = epoch_indices(n, seed=0, epoch=epoch, rank=0, world_size=1, batch_size=2 * DDP_BATCH)
-        ranks = [epoch_indices(n, seed=0, epoch=epoch, rank=r, world_size=2, batch_size=DDP_BATCH) for r in (0, 1)]
+        one = epoch_samples(n, seed=0, epoch=epoch, rank=0, world_size=1, batch_size=2 * DDP_BATCH)[0]
+        ranks = [epoch_samples(n, seed=0, epoch=epoch, rank=r, world_size=2, batch_size=DDP_BATCH)[0] for r in (0, 1)]
         for step in range(DDP_STEPS):
             both = [i for r in ranks for i in r[step * DDP_BATCH:(step + 1) * DDP_BATCH]]
             assert sorted(both) == sorted(one[step * 2 * DDP_BATCH:(step + 1) * 2 * DDP_BATCH])

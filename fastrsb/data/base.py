@@ -1,5 +1,5 @@
 """The loader contract: what a batch is, and what every backend (FfcvLoader, DaliLoader, TorchLoader,
-SyntheticLoader) is, so that the trainer never branches on the backend."""
+TorchDeviceLoader, SyntheticLoader) is, so that the trainer never branches on the backend."""
 from __future__ import annotations
 
 import atexit
@@ -132,9 +132,6 @@ class SplitLoader:
         start_batch = self.start_batch if start_batch is None else start_batch
         indices, copies = epoch_samples(self.num_samples, **self._sampler_args(epoch, start_batch))
         return EpochPlan(epoch, indices, sampler.augmentation_keys(self.cfg.seed, epoch, indices, copies), start_batch)
-
-    def indices(self, epoch: int | None = None, start_batch: int | None = None) -> np.ndarray:
-        return self.plan(epoch, start_batch).indices
 
     @property
     def epoch_length(self) -> int:

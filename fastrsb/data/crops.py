@@ -1,6 +1,6 @@
-"""The one crop-and-flip program: each train sample's RandomResizedCrop box and flip, a pure function of its
+"""The one crop program: each train sample's RandomResizedCrop box and flip, a pure function of its
 augmentation key (fastrsb.data.sampler.augmentation_keys: seed, epoch, sample index, copy) and its stored
-image size. Every backend runs it: the ffcv decoder per sample inside its compiled pipeline, the DALI and
+image size; and each val sample's torchvision Resize + CenterCrop, as the resize geometry every backend runs. Every backend runs it: the ffcv decoder per sample inside its compiled pipeline, the DALI and
 torch backends per batch on the host (crop_boxes). So one seed gives every backend the same crops, and a
 run resumed mid-epoch, on the same backend or another, continues the same stream.
 
@@ -90,3 +90,31 @@ def crop_boxes(sizes: np.ndarray, keys: np.ndarray, scale, ratio) -> tuple[np.nd
     flips = np.empty(len(keys), np.bool_)
     _crop_boxes(sizes, keys, float(scale[0]), float(scale[1]), math.log(ratio[0]), math.log(ratio[1]), boxes, flips)
     return boxes, flips
+
+
+@nb.njit(nogil=True, cache=True)
+def val_resize_side(res: int, crop_pct: float) -> int:
+    """torchvision's val transform resizes the shorter side to floor(res / crop_pct), then center-crops res."""
+    return int(math.floor(res / crop_pct))
+
+
+@nb.njit(nogil=True, cache=True)
+def center_crop_geometry(height: int, width: int, res: int, crop_pct: float):
+    """torchvision's Resize(floor(res / crop_pct)) + CenterCrop(res) as one resize of the image:
+    (y scale, y offset, x scale, x offset), output pixel (i, j) centred at input
+    ((i + y offset + 0.5) * y scale, (j + x offset + 0.5) * x scale), as Pillow computes it when
+    torchvision resizes the whole image and then crops."""
+    size = val_resize_side(res, crop_pct)
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_h, new_w = size, int(size * width / height)
+    top = int(np.rint((new_h - res) / 2.0))
+    left = int(np.rint((new_w - res) / 2.0))
+    return height / new_h, float(top), width / new_w, float(left)
+
+
+def center_crop_geometries(sizes: np.ndarray, res: int, crop_pct: float) -> np.ndarray:
+    """center_crop_geometry of images of stored (height, width) `sizes` (N, 2): float64 (N, 4) rows."""
+    return np.array([center_crop_geometry(int(h), int(w), res, crop_pct) for h, w in np.asarray(sizes)],
+                    np.float64).reshape(-1, 4)

@@ -15,7 +15,7 @@ from dataprep.images import BadImage, load_rgb
 from dataprep.layout import DatasetError, ShardLocations, ShardReader
 from fastrsb.data.bad_samples import NO_FRAME, replacement_sources
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader, shard_extents
-from fastrsb.data.crops import crop_boxes
+from fastrsb.data.crops import crop_boxes, val_resize_side
 from fastrsb.data.ffcv_decode import jpeg_frame_intact
 from fastrsb.data.staging import to_device
 
@@ -149,7 +149,7 @@ class DaliLoader(SplitLoader):
                 jpegs, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
                                                    dtype=[types.UINT8, types.INT32])
                 images = fn.decoders.image(jpegs, device=self.decode, output_type=types.RGB)
-                images = fn.resize(images, device=dev_out, resize_shorter=float(int(res / cfg.crop_pct)),
+                images = fn.resize(images, device=dev_out, resize_shorter=float(val_resize_side(res, cfg.crop_pct)),
                                    interp_type=interp, antialias=True)
                 images = fn.crop(images, device=dev_out, crop=(res, res))
             if dev_out == "gpu":

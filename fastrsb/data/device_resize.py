@@ -11,14 +11,13 @@ for 256 images, measured on meta tensors). Hand-written because no library resiz
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from fastrsb.data.crops import center_crop_geometries
+
 # columns of the per-sample parameter rows (resize_params)
 START_Y, SCALE_Y, HEIGHT, START_X, SCALE_X, WIDTH, FLIP = range(7)
-SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # Pillow's filter supports (in output-scaled units)
 
 
 def resize_params(sizes: np.ndarray, boxes: np.ndarray | None, flips: np.ndarray | None, res: int,
@@ -35,13 +34,8 @@ def resize_params(sizes: np.ndarray, boxes: np.ndarray | None, flips: np.ndarray
         y0, x0 = top, left
         flip = np.asarray(flips, np.float64)
     else:
-        short = math.floor(res / crop_pct)
-        # torchvision's output size: the shorter side to `short`, the longer one scaled and truncated
-        new_h = np.where(h <= w, short, np.floor(short * h / w))
-        new_w = np.where(h <= w, np.floor(short * w / h), short)
-        sy, sx = h / new_h, w / new_w
-        y0 = np.round((new_h - res) / 2.0) * sy  # CenterCrop's offset (round half to even, as Python's round)
-        x0 = np.round((new_w - res) / 2.0) * sx
+        sy, y_offset, sx, x_offset = center_crop_geometries(sizes, res, crop_pct).T
+        y0, x0 = y_offset * sy, x_offset * sx
         flip = np.zeros(len(h))
     return np.stack([y0, sy, h, x0, sx, w, flip], 1).astype(np.float32)
 

@@ -43,22 +43,6 @@ DCT_SHIFT_MASK = 0xFF
 DONE, CROPPED, FALLBACK, DECODE_ERROR = 1 << 8, 1 << 9, 1 << 10, 1 << 11
 
 
-@nb.njit(nogil=True, cache=True)
-def center_crop_geometry(height: int, width: int, res: int, crop_pct: float):
-    """torchvision's Resize(floor(res / crop_pct)) + CenterCrop(res) as one resize of the image:
-    (y scale, y offset, x scale, x offset), output pixel (i, j) centred at input
-    ((i + y offset + 0.5) * y scale, (j + x offset + 0.5) * x scale), as Pillow computes it when
-    torchvision resizes the whole image and then crops."""
-    size = int(math.floor(res / crop_pct))
-    if width <= height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_h, new_w = size, int(size * width / height)
-    top = int(np.rint((new_h - res) / 2.0))
-    left = int(np.rint((new_w - res) / 2.0))
-    return height / new_h, float(top), width / new_w, float(left)
-
-
 # ----------------------------------------------------------------------------- resampling
 @nb.njit(nogil=True, cache=True)
 def _filter(x: float, bicubic: bool) -> float:

@@ -21,9 +21,9 @@ import numpy as np
 from fastrsb.data.bad_samples import NO_FRAME, replace_rows
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader
 from fastrsb.data.page_cache import StoreExtents
-from fastrsb.data.crops import flip_of, random_resized_crop
+from fastrsb.data.crops import center_crop_geometry, flip_of, random_resized_crop
 from fastrsb.data.ffcv_decode import (
-    CROPPED, DCT_SHIFT_MASK, DECODE_ERROR, DONE, FALLBACK, center_crop_geometry, decode_into, jpeg_frame_intact,
+    CROPPED, DCT_SHIFT_MASK, DECODE_ERROR, DONE, FALLBACK, decode_into, jpeg_frame_intact,
 )
 from fastrsb.data.staging import nhwc_to_batch
 

@@ -79,15 +79,6 @@ def epoch_samples(num_samples: int, *, seed: int, epoch: int, rank: int, world_s
     return mine[start_batch * batch_size:], copies[start_batch * batch_size:]
 
 
-def epoch_indices(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-                  num_repeats: int = 1, shuffle: bool = True, drop_last: bool = True, start_batch: int = 0,
-                  blocks: BlockLayout | None = None) -> np.ndarray:
-    """This rank's sample indices for the epoch, from batch `start_batch` on (see epoch_samples)."""
-    return epoch_samples(num_samples, seed=seed, epoch=epoch, rank=rank, world_size=world_size, batch_size=batch_size,
-                         num_repeats=num_repeats, shuffle=shuffle, drop_last=drop_last, start_batch=start_batch,
-                         blocks=blocks)[0]
-
-
 def block_finish_steps(blocks: BlockLayout, *, seed: int, epoch: int, world_size: int, batch_size: int,
                        num_repeats: int = 1, drop_last: bool = True) -> np.ndarray:
     """int64 per block: the last of this epoch's steps (batches of every rank) that reads a sample of it, -1 for a

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import io
-import math
 import signal
 import weakref
 from typing import Iterator, NamedTuple
@@ -19,7 +18,7 @@ from torchvision import transforms as T
 from dataprep.layout import ShardLocations, ShardReader
 from fastrsb.data.bad_samples import replacement_sources
 from fastrsb.data.base import FILTERS, Batch, EpochPlan, SplitLoader, shard_extents
-from fastrsb.data.crops import crop_boxes
+from fastrsb.data.crops import crop_boxes, val_resize_side
 from fastrsb.data.staging import to_device
 
 
@@ -76,7 +75,7 @@ class ShardDataset(Dataset):
         tf = self._val_transforms.get(res)
         if tf is None:
             interp = T.InterpolationMode[FILTERS[self.cfg.interpolation]["torchvision"]]
-            tf = self._val_transforms[res] = T.Compose([T.Resize(math.floor(res / self.cfg.crop_pct), interpolation=interp),
+            tf = self._val_transforms[res] = T.Compose([T.Resize(val_resize_side(res, self.cfg.crop_pct), interpolation=interp),
                                                         T.CenterCrop(res)])
         return tf
 
