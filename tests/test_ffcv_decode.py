@@ -115,7 +115,7 @@ def test_center_crop_geometry_is_torchvisions_resize_then_center_crop():
 # ----------------------------------------------------------------------------- decoding
 def _decode(data: bytes, box, out: int, bicubic=False, crop_max_area_fraction=None):
     from fastrsb.data.ffcv_decode import decode_box
-    from fastrsb.data.ffcv_loader import IMDECODE
+    from fastrsb.data.ffcv_internals import IMDECODE
 
     with Image.open(io.BytesIO(data)) as im:
         w, h = im.size

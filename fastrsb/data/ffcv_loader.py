@@ -8,14 +8,11 @@ decoders instead (unseeded crops, cv2 INTER_AREA), for comparison.
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import queue
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterator
 
-import numba as nb
 import numpy as np
 
 from fastrsb.data.bad_samples import NO_FRAME, replace_rows
@@ -25,71 +22,26 @@ from fastrsb.data.crops import center_crop_geometry, flip_of, random_resized_cro
 from fastrsb.data.ffcv_decode import (
     CROPPED, DCT_SHIFT_MASK, DECODE_ERROR, DONE, FALLBACK, decode_into, jpeg_frame_intact,
 )
+from fastrsb.data.ffcv_internals import (
+    IMDECODE, KEY, OUTCOME, ROW_BYTES, EpochTable, SharedOrder, set_output_size, start_epoch, stop_epoch, store_map,
+    table_rows,
+)
 from fastrsb.data.staging import nhwc_to_batch
 
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import lib as ffcv_lib
 from ffcv.loader import Loader as FfcvLibraryLoader
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
-from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor
 
 _JPG = int(IMAGE_MODES["jpg"])
 _TURBOJPEG_FAILED = "TurboJPEG reported an error or a corrupt-data warning"
-# The columns of an EpochTable row, int64 each
-INDEX, KEY, OUTCOME = 0, 1, 2
-ROW_WIDTH = 3
-ROW_BYTES = ROW_WIDTH * np.dtype(np.int64).itemsize
 
 
-# libffcv's imdecode (TurboJPEG, thread-local handles), called by address from the compiled decoder
-IMDECODE = ctypes.cast(ffcv_lib.imdecode, ctypes.c_void_p).value
 _decode_into = decode_into.ctypes
-
-
-class EpochTable:
-    """The epoch ffcv is handed, and the channel between fastrsb and its decoder inside ffcv.
-
-    With keys (fastrsb's decoder), each sample is a row of one int64 table, [index, key, outcome]: ffcv is
-    handed the index column, the decoder reads each sample's augmentation key from its row and records
-    there what it did (fastrsb.data.ffcv_decode's outcome bits), and the loader reads that back per batch.
-    Without keys (ffcv's own decoders, which take none) ffcv is handed the bare indices."""
-
-    def __init__(self, batch_size: int, keyed: bool):
-        self.batch_size, self.keyed = batch_size, keyed
-        self.rows = np.zeros((0, ROW_WIDTH), np.int64)
-        self.order = self.rows[:, INDEX]  # what ffcv iterates next (SharedOrder)
-
-    def start(self, indices: np.ndarray, keys: np.ndarray) -> None:
-        """Install an epoch: its samples' indices, in order, and their uint64 augmentation keys."""
-        if not self.keyed:
-            self.order = indices
-            return
-        rows = np.zeros((len(indices), ROW_WIDTH), np.int64)
-        rows[:, INDEX] = indices
-        rows[:, KEY] = keys.view(np.int64)
-        self.rows, self.order = rows, rows[:, INDEX]
-
-    def outcomes(self, batch: int) -> np.ndarray:
-        """The outcome bits the decoder recorded for batch `batch` of the installed epoch (0: not decoded)."""
-        return self.rows[batch * self.batch_size:(batch + 1) * self.batch_size, OUTCOME]
-
-
-@nb.njit(nogil=True)
-def table_rows(batch_indices):
-    """The EpochTable rows of a batch, from the batch of indices ffcv hands the decoder.
-
-    A side channel, and the only one ffcv 1.0.2 leaves: the decoder is called with the batch's slice of the
-    order it was handed (and the dataset's metadata, storage and ffcv's own buffers), nothing per sample
-    besides. ffcv slices the order into batches without copying, so that slice is a view of the index column
-    (stride ROW_BYTES), and this widens it to the whole rows it lies in. The caller checks the stride first:
-    from a copy (another ffcv version) it would read past the copy's end."""
-    return np.lib.stride_tricks.as_strided(batch_indices, (len(batch_indices), ROW_WIDTH),
-                                           (ROW_BYTES, batch_indices.itemsize))
 
 
 class FastrsbDecoder(Operation):
@@ -197,26 +149,6 @@ class DecodeStats:
                 "decode_errors": self.decode_errors}
 
 
-class SharedOrder(TraversalOrder):
-    """The shared sampler's order as ffcv's TraversalOrder: the order of the epoch installed in the table.
-
-    ffcv 1.0.2 takes an instance and calls it with the loader, hence __call__."""
-
-    def __init__(self, table: EpochTable):
-        self.table = table
-
-    def __call__(self, loader) -> "SharedOrder":
-        TraversalOrder.__init__(self, loader)
-        return self
-
-    def sample_order(self, epoch: int) -> np.ndarray:
-        """ffcv's `epoch` counts its own passes (Loader.__init__ asks for pass 0, then each iter(loader)
-        for the next), which is not fastrsb's epoch: set_epoch picks that, may start it mid-way (resume) and
-        may repeat it (evaluation). FfcvLoader installs the epoch in the table before each pass, so the
-        table's order is the one for the pass ffcv asks about, whatever number it gives it."""
-        return self.table.order
-
-
 def beton_extents(path: Path, mapped) -> StoreExtents:
     """Each sample's JPEG bytes in a .beton: its data pointer and the size of its allocation there (ffcv's Reader:
     the metadata and allocation table)."""
@@ -232,7 +164,7 @@ def beton_extents(path: Path, mapped) -> StoreExtents:
 class FfcvLoader(SplitLoader):
     def __init__(self, cfg, split, dist, info, num_classes):
         super().__init__(cfg, split, dist, info.num_samples, num_classes, info.describe_sample,
-                         beton_extents(info.beton_path, mapped=lambda: self._store_map()))
+                         beton_extents(info.beton_path, mapped=lambda: store_map(self.loader)))
         self.uses_fastrsb_decoder = cfg.ffcv_decoder == "fastrsb"
         self.decode_stats = DecodeStats()
         # fastrsb's decoder: keys and outcomes travel in the epoch table
@@ -275,29 +207,14 @@ class FfcvLoader(SplitLoader):
     def decoder_name(self) -> str:
         return "fastrsb's ffcv decoder (TurboJPEG)" if self.uses_fastrsb_decoder else "ffcv's own decoders"
 
-    def _store_map(self):
-        """ffcv's own map of the .beton (os_cache=true: its OSCacheContext's np.memmap, which it makes when the first
-        epoch starts; made here if that is yet to come, so it can be advised before anything is read), or None with
-        ffcv's process cache, which reads into memory of its own."""
-        context = getattr(self.loader.memory_manager, "context", None)
-        if context is None:
-            return None
-        if context.mmap is None:
-            context.__enter__()  # what ffcv's EpochIterator does first; it makes the map only if there is none
-        return context.mmap._mmap
-
     def set_resolution(self, px: int) -> None:
         super().set_resolution(px)
-        if self.decoder.output_size != (px, px):
-            self.decoder.output_size = (px, px)
-            self.loader.recompile = True  # buffers are sized at compile time
+        set_output_size(self.loader, self.decoder, (px, px))
 
     def _epoch(self, plan: EpochPlan) -> Iterator[Batch]:
         table = self.epoch_table
         table.start(plan.indices, plan.keys)
-        epoch = iter(self.loader)
-        epoch.output_queue = _WatchedQueue(epoch.output_queue, epoch)
-        self.loader.recompile = False
+        epoch = start_epoch(self.loader)
         try:
             for b, (images, labels, *intact) in enumerate(epoch):
                 first = b * self.batch_size
@@ -317,45 +234,6 @@ class FfcvLoader(SplitLoader):
                     replace_rows(src, images, labels)
                 yield nhwc_to_batch(images, labels)
         finally:
-            _stop_epoch(epoch)
+            stop_epoch(epoch)
 
 
-class _WatchedQueue:
-    """ffcv's batch queue, read by its EpochIterator.__next__ with a get() that waits for good: when the worker
-    thread dies (an exception in a pipeline stage, which ffcv prints and then ends the thread on), nothing
-    would ever arrive. This get() waits as long, but raises once the thread is gone and the queue is empty."""
-
-    def __init__(self, inner: queue.Queue, worker):
-        self.inner, self.worker = inner, worker
-
-    def get(self):  # how EpochIterator.__next__ calls it (ffcv 1.0.2): blocking, no timeout
-        while True:
-            try:
-                return self.inner.get(timeout=0.5)
-            except queue.Empty:
-                if not self.worker.is_alive() and self.inner.empty():
-                    raise RuntimeError("ffcv's worker thread ended without finishing the epoch (its error is "
-                                      "printed above)") from None
-
-    def __getattr__(self, name):  # put, get_nowait, ...: the queue's own
-        return getattr(self.inner, name)
-
-
-def _stop_epoch(epoch) -> None:
-    """End ffcv's worker thread of an epoch that may have been left early (a benchmark window, a test's
-    next(), a stop signal). The thread must be gone before going on: it reads loader.code before every
-    batch, and after a recompile (set_resolution) it would run the new code on its old, smaller buffers.
-
-    ffcv's own close() + join() can wait forever: the thread ends an epoch with output_queue.put(None),
-    which neither times out nor looks at the terminate event, so once it has put the last batch into a
-    full queue nobody will read, it blocks. So: ask it to stop, and keep the queue drained until it has
-    (a batch in flight finishes within one batch's decode; the queue waits re-check every 0.5 s)."""
-    epoch.terminate_event.set()
-    while epoch.is_alive():
-        try:
-            while True:
-                epoch.output_queue.get_nowait()
-        except queue.Empty:
-            pass
-        epoch.join(timeout=0.05)
-    epoch.close()  # leaves the epoch's memory context, now that no thread reads it
