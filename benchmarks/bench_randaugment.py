@@ -27,7 +27,7 @@ from benchmarks.imagenet_like import _photos
 from fastrsb.augment.op_table import IMAGENET_FILL
 from fastrsb.augment.randaugment import RandAugment
 from fastrsb.bench.report import paired_ratio, print_table, summarize, write_result
-from fastrsb.config import resolve_randaugment_impl
+from fastrsb.augment.randaugment import resolve_randaugment_impl
 
 
 def _images(n: int, res: int) -> list[Image.Image]:

@@ -128,7 +128,8 @@ def prune(ckpt_dir: Path, keep: int, metric_of: dict[str, float]) -> None:
 class Checkpointer:
     """A run's checkpoints as a component of its own (as torchtitan's CheckpointManager): when one is due,
     writing one (refusing a non-finite state, rank 0 writes atomically, best-of bookkeeping, pruning) and
-    finding the one to resume from. The trainer decides *what* the state is; this decides where and when."""
+    finding the one to resume from. The trainer says *what* the state is and *where* the run is; this decides
+    whether that is a moment to save (due) and where the file goes."""
 
     def __init__(self, ckpt_dir: Path, dist: DistInfo, keep: int, every_minutes: float, every_epochs: int,
                  epochs: int):
@@ -136,14 +137,27 @@ class Checkpointer:
         self.keep, self.every_minutes, self.every_epochs, self.epochs = keep, every_minutes, every_epochs, epochs
         self.best_top1: dict[str, float] = {}  # checkpoint name -> val top-1 (kept by prune, for `average`)
         self._last_save = time.time()
+        self._saved: tuple[int, int] | None = None  # (epoch, step) of the state last saved or loaded: not saved twice
 
-    def timed_due(self) -> bool:
-        """Whether train.checkpoint_every_minutes have passed since the last save (this process's clock:
-        the trainer all-reduces rank 0's answer so every rank agrees)."""
+    def clock_due(self) -> bool:
+        """Whether train.checkpoint_every_minutes have passed since the last save (this process's clock: the
+        trainer all-reduces rank 0's answer, so every rank passes the same `clock` to due)."""
         return time.time() - self._last_save >= 60 * self.every_minutes
 
-    def epoch_due(self, epochs_done: int) -> bool:
-        return epochs_done == self.epochs or epochs_done % self.every_epochs == 0
+    def due(self, epoch: int, step: int, epochs_done: int, *, epoch_end: bool = False, window_ends_epoch: bool = False,
+            clock: bool = False, forced: bool = False) -> bool:
+        """Whether to save the state at (epoch, step), with `epochs_done` epochs behind it: never twice for one state;
+        forced (a stop) always; at an epoch's end (after its evaluation) every train.checkpoint_every_epochs epochs
+        and the last one; and when the clock says so (a log window closed), unless the window ends an epoch whose own
+        checkpoint follows. Every argument is the same on every rank, so every rank answers alike."""
+        if (epoch, step) == self._saved:
+            return False
+        epoch_checkpoint = epochs_done == self.epochs or epochs_done % self.every_epochs == 0
+        if forced:
+            return True
+        if epoch_end:
+            return epoch_checkpoint
+        return clock and not (window_ends_epoch and epoch_checkpoint)
 
     def save(self, state: dict, metrics: dict | None = None) -> Path | None:
         """Every rank calls this with its state; rank 0 writes it. A NaN/inf anywhere a resumed run would read
@@ -158,7 +172,7 @@ class Checkpointer:
         if bad:
             raise NonFiniteState(f"not finite at step {state['step']}: {', '.join(bad[:4])}"
                                  f"{' ...' if len(bad) > 4 else ''}; refusing to write a checkpoint")
-        self._last_save = time.time()
+        self._last_save, self._saved = time.time(), (state["epoch"], state["step"])
         if not self.dist.is_main:
             return None
         name = checkpoint_name(state["epoch"], state["step"])
@@ -175,6 +189,7 @@ class Checkpointer:
         found = latest_loadable(self.dir) if how == "auto" else (Path(how), load(how))
         if found is not None:
             self.best_top1 = dict(found[1].get("best_top1", {}))
+            self._saved = (found[1]["epoch"], found[1]["step"])
         return found
 
 

@@ -157,58 +157,24 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "augment": AugmentConfig,
-    "model": ModelConfig,
-    "optim": OptimConfig,
-    "schedule": ScheduleConfig,
-    "loss": LossConfig,
-    "ema": EmaConfig,
-    "progressive": ProgressiveConfig,
-    "train": TrainConfig,
-}
+@dataclass
+class Config:
+    """A run's whole configuration: a recipe's sections (configs/*.yaml), each key checked as it is made."""
 
-
-# the data.* key that chooses each backend's decoder (BACKEND:DECODE in `fastrsb bench` and the tests), and the
-# one decoder with a choice of library (BACKEND:DECODE:LIBRARY)
-DECODER_KEY = {"ffcv": "ffcv_decoder", "dali": "dali_decode", "torch": "torch_decode"}
-LIBRARY_KEY = {("torch", "device"): "torch_device_decoder"}
-
-
-def parse_backend_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """'BACKEND[:DECODE[:LIBRARY]]' -> (backend, {data key: value}), e.g. 'torch:device' -> ('torch', {'torch_decode':
-    'device'}), 'torch:device:torchvision' also sets data.torch_device_decoder."""
-    backend, _, rest = spec.partition(":")
-    decode, _, library = rest.partition(":")
-    if not decode:
-        return backend, {}
-    if backend not in DECODER_KEY:
-        raise ValueError(f"{spec!r}: only {', '.join(f'{b}:DECODE' for b in DECODER_KEY)} name a decoder")
-    keys = {DECODER_KEY[backend]: decode}
-    if library:
-        if (backend, decode) not in LIBRARY_KEY:
-            raise ValueError(f"{spec!r}: only {', '.join(f'{b}:{d}:LIBRARY' for b, d in LIBRARY_KEY)} name a library")
-        keys[LIBRARY_KEY[backend, decode]] = library
-    return backend, keys
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def allowed(section: type, key: str) -> tuple:
     """The values a Literal config key allows, e.g. allowed(DataConfig, "backend")."""
     return typing.get_args(typing.get_type_hints(section)[key])
-
-
-def resolve_randaugment_impl(impl: str, device_type: str) -> str:
-    """augment.randaugment_impl for a device type: 'auto' takes the numba kernels on the CPU and the torch ops
-    elsewhere; the kernels run on the CPU only."""
-    if impl not in allowed(AugmentConfig, "randaugment_impl"):
-        raise ValueError(f"augment.randaugment_impl: expected one of {allowed(AugmentConfig, 'randaugment_impl')}, "
-                         f"got {impl!r}")
-    if impl == "auto":
-        return "numba" if device_type == "cpu" else "torch"
-    if impl == "numba" and device_type != "cpu":
-        raise ValueError(f"augment.randaugment_impl=numba runs on the CPU only, not on {device_type}; use torch or auto")
-    return impl
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -297,16 +263,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def make_config_class() -> type:
-    """A dataclass with one field per registered section (built late so sections can register)."""
-    return dataclasses.make_dataclass(
-        "Config", [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()]
-    )
-
-
-def from_dict(values: dict) -> Any:
+def from_dict(values: dict) -> Config:
     """A checked config from nested values (a recipe, a checkpoint's config): types, then validate()."""
-    cfg = _build(make_config_class(), values, "")
+    cfg = _build(Config, values, "")
     if cfg.data.seed is None:
         cfg.data.seed = cfg.train.seed
     validate(cfg)
@@ -318,7 +277,7 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: Config) -> None:
     """What no single key's type can say: ranges, and settings that must go together. Runs on every
     config made (load_config, from_dict), so a bad combination fails before any work, naming the keys."""
     d, a, t, loss, p = cfg.data, cfg.augment, cfg.train, cfg.loss, cfg.progressive
@@ -345,6 +304,8 @@ def validate(cfg: Any) -> None:
     _require(not (d.dali_decode == "mixed" and t.device == "cpu"),
              "data.dali_decode=mixed decodes on a GPU (nvjpeg), but train.device=cpu; use data.dali_decode=cpu or auto")
     if t.device == "cuda":
+        from fastrsb.augment.randaugment import resolve_randaugment_impl  # augment imports this module
+
         try:
             resolve_randaugment_impl(a.randaugment_impl, t.device)
         except ValueError as e:
@@ -353,7 +314,7 @@ def validate(cfg: Any) -> None:
     _require(d.window_blocks >= 1, f"data.window_blocks must be >= 1, got {d.window_blocks}")
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: Config) -> dict:
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
             return [plain(x) for x in v]
@@ -398,7 +359,7 @@ def merge(values: dict, more: dict) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                values: dict | None = None) -> Any:
+                values: dict | None = None) -> Config:
     """A recipe file, then `--section.key=value` overrides (what a user typed), then `values` (settings a
     program passes as values, e.g. {"data": {"path": p}}), checked as one config."""
     settings: dict = {}

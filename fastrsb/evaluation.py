@@ -10,7 +10,7 @@ from timm.utils import accuracy
 
 from fastrsb import checkpoint as ckpt
 from fastrsb.augment import BatchAugment
-from fastrsb.config import from_dict
+from fastrsb.config import Config, from_dict
 from fastrsb.data import create_loader
 from fastrsb.data.base import SplitLoader
 from fastrsb.dist import DistInfo, init_distributed
@@ -53,7 +53,7 @@ class Evaluator:
         return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "num_samples": int(n), "bad_samples": int(bad)}
 
 
-def create_evaluator(cfg, dist: DistInfo) -> Evaluator:
+def create_evaluator(cfg: Config, dist: DistInfo) -> Evaluator:
     """The val loader (data.val_res, data.crop_pct), the eval batch stage and the AMP dtype of train.amp."""
     loader = create_loader(cfg, "val", dist)
     amp = amp_dtype(cfg.train.amp, dist.device)

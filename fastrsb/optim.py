@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 
-from fastrsb.config import OptimConfig, ScheduleConfig
+from fastrsb.config import OptimConfig, ProgressiveConfig, ScheduleConfig
 
 
 def base_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -71,7 +71,7 @@ def lr_at(step: float, steps_per_epoch: int, epochs: int, peak_lr: float, cfg: S
     return cfg.min_lr + 0.5 * (peak_lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def resolution_at(epoch: int, cfg, default: int) -> int:
+def resolution_at(epoch: int, cfg: ProgressiveConfig, default: int) -> int:
     """ffcv-imagenet's progressive resizing: min_res up to start_ramp, max_res from end_ramp on,
     in between linear and rounded to a multiple of `step`."""
     if not cfg.enabled:

@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 
 from fastrsb.augment import BatchAugment
 from fastrsb.checkpoint import CheckpointError, Checkpointer, NonFiniteState, code_version
-from fastrsb.config import to_dict
+from fastrsb.config import Config, to_dict
 from fastrsb.data import create_loader
 from fastrsb.data.bad_samples import BadDataError
 from fastrsb.data.base import SplitLoader
@@ -40,8 +40,8 @@ STEP_PARTS = BATCH_STAGE, FORWARD_BACKWARD, OPTIMIZER_STEP, EMA_UPDATE = ("batch
 
 class StopRequest:
     """Why this process asks the run to stop: a SIGTERM/SIGINT (set by the handler fit() installs), or a loader past
-    data.max_bad_samples. Every rank's answer is agreed on by an all-reduce (Trainer._close, _stop_requested), so
-    all ranks stop after the same step."""
+    data.max_bad_samples. Every rank's answer is agreed on by an all-reduce, so all ranks stop after the same step:
+    in the one all-reduce of a log window (flags(), Trainer._close), or on its own after an evaluation (agreed)."""
 
     def __init__(self, loaders: list[SplitLoader]):
         self.signal: int | None = None
@@ -58,6 +58,14 @@ class StopRequest:
     def flags(self) -> list[float]:
         """[stop, for bad data], as all-reduced sums."""
         return [float(self.asked_here), float(self.bad_data)]
+
+    def agreed(self, dist: DistInfo) -> tuple[bool, bool]:
+        """(stop, for bad data) as all ranks agree: a collective under DDP, to call on every rank."""
+        flags = torch.tensor(self.flags(), device=dist.device)
+        if dist.distributed:
+            tdist.all_reduce(flags)
+        stop, bad_data = flags.tolist()
+        return stop > 0, bad_data > 0
 
     def bad_data_error(self, data_path: str) -> BadDataError:
         """The error a run stopped for bad samples ends with: this rank's listing, or where to find one."""
@@ -87,7 +95,7 @@ class Trainer:
     checkpointer: Checkpointer
     metrics: MetricsLog
     # configuration, fixed for the run
-    cfg: object  # fastrsb.config's validated dataclass tree
+    cfg: Config
     run_dir: Path
     amp: torch.dtype | None
     num_classes: int
@@ -99,11 +107,12 @@ class Trainer:
     batch_in_epoch: int
     step: int
     totals: EpochTotals
+    lr: float
     stop: StopRequest
     # what each of STEP_PARTS runs inside: nothing, unless something counts them
     step_part: Callable[[str], AbstractContextManager] = staticmethod(lambda part: nullcontext())
 
-    def __init__(self, cfg, run_dir: str | Path, dist: DistInfo):
+    def __init__(self, cfg: Config, run_dir: str | Path, dist: DistInfo):
         self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +144,7 @@ class Trainer:
                                          every_epochs=t.checkpoint_every_epochs, epochs=t.epochs)
         self.metrics = MetricsLog(self.run_dir, dist, t.tensorboard)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.lr = self._lr_at(0)  # the last step's (set by each step; logged at windows and epochs)
         self.totals = EpochTotals()
         self.stop = StopRequest([self.train_loader, self.evaluator.loader])
 
@@ -174,6 +184,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.lr = self._lr_at(max(self.step - 1, 0))
         self.totals = EpochTotals(*state.get("epoch_loss", [0.0, 0]))
         rngs, augment = state["rng"], state["augment"]
         if isinstance(augment, dict):  # written before every rank's was kept: rank 0's
@@ -216,6 +227,12 @@ class Trainer:
         """Every rank takes part (RNG gather, non-finite agreement); rank 0 writes."""
         return self.checkpointer.save(self.state_dict(), metrics)
 
+    def _checkpoint_if_due(self, metrics: dict | None = None, **moment) -> None:
+        """Save when the checkpointer says this moment (Checkpointer.due's keywords) is one to save at."""
+        epochs_done = self.epoch + (self.batch_in_epoch == self.steps_per_epoch)
+        if self.checkpointer.due(self.epoch, self.step, epochs_done, **moment):
+            self.save_checkpoint(metrics)
+
     def log(self, record: dict) -> None:
         self.metrics.log({"epoch": round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4),
                           "step": self.step, **record})
@@ -229,9 +246,9 @@ class Trainer:
         for the device: the batch stage sends its decisions in one non-blocking copy, the loss is
         accumulated on the device, and the lr is a host float. fp16's GradScaler is the exception: its
         step() reads the inf check back (bf16, the default on cuda, needs no scaler)."""
-        lr = self._lr_at(self.step)
+        self.lr = self._lr_at(self.step)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = self.lr
         with self.step_part(BATCH_STAGE):
             x, y = self.train_aug(batch.images, batch.targets)
         with self.step_part(FORWARD_BACKWARD):
@@ -300,7 +317,7 @@ class Trainer:
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         elapsed = time.perf_counter() - window.start
-        due = self.dist.is_main and at_interval and self.checkpointer.timed_due()
+        due = self.dist.is_main and at_interval and self.checkpointer.clock_due()
         flags = torch.tensor([*self.stop.flags(), float(due), len(self.train_loader.bad_samples.in_pass)],
                              dtype=torch.float64)
         v = torch.cat([torch.stack([window.loss, window.nonfinite.double()]), flags.to(self.dist.device)])
@@ -319,19 +336,13 @@ class Trainer:
         """Everything a closed window decides, in one place: its metrics line (at an interval), then a stop
         (checkpoint, and the run ends) or a timed checkpoint (unless the epoch's own follows at once).
         Returns whether the run stops."""
-        lr = self._lr_at(self.step - 1)
         if w.at_interval:
-            self.log({"kind": "interval", "loss": w.loss, "lr": lr, "res": res, "images_per_sec": w.images_per_sec,
+            self.log({"kind": "interval", "loss": w.loss, "lr": self.lr, "res": res, "images_per_sec": w.images_per_sec,
                       "data_stall": w.data_stall, "peak_memory_mb": peak_memory_mb(self.dist.device)})
-        self.metrics.show(self.step, w, lr)
-        if w.stop:
-            self.save_checkpoint()
-            return True
-        epoch_checkpoint_follows = (self.batch_in_epoch == self.steps_per_epoch
-                                    and self.checkpointer.epoch_due(self.epoch + 1))
-        if w.checkpoint_due and not epoch_checkpoint_follows:
-            self.save_checkpoint()
-        return False
+        self.metrics.show(self.step, w, self.lr)
+        self._checkpoint_if_due(forced=w.stop, clock=w.checkpoint_due,
+                                window_ends_epoch=self.batch_in_epoch == self.steps_per_epoch)
+        return w.stop
 
     def _next_epoch(self) -> None:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -359,14 +370,6 @@ class Trainer:
             e = self.evaluate(self.ema.module)
             out.update(ema_val_top1=e["top1"], ema_val_top5=e["top5"])
         return out
-
-    def _stop_requested(self) -> tuple[bool, bool]:
-        """(stop, for bad data) as all ranks agree (a collective under DDP: call on every rank)."""
-        flags = torch.tensor(self.stop.flags(), device=self.dist.device)
-        if self.dist.distributed:
-            tdist.all_reduce(flags)
-        stop, bad_data = flags.tolist()
-        return stop > 0, bad_data > 0
 
     @contextmanager
     def _stop_signals(self):
@@ -407,7 +410,7 @@ class Trainer:
                             raise self.stop.bad_data_error(self.cfg.data.path)
                         return self._interrupted()
                     metrics = {"kind": "epoch", **self.totals.figures(self.dist.world_size),
-                               "lr": self._lr_at(self.step - 1),
+                               "lr": self.lr,
                                "res": resolution_at(self.epoch, self.cfg.progressive, self.cfg.data.train_res),
                                "peak_memory_mb": peak_memory_mb(self.dist.device)}
                     self._next_epoch()
@@ -415,13 +418,10 @@ class Trainer:
                     if last or self.epoch % self.cfg.train.eval_every_epochs == 0:
                         metrics.update(self._evaluate_all())
                     self.log(metrics)
-                    checkpointed = self.checkpointer.epoch_due(self.epoch)
-                    if checkpointed:
-                        self.save_checkpoint(metrics)
-                    stop, bad_data = self._stop_requested()  # one that arrived during the evaluation
+                    self._checkpoint_if_due(metrics, epoch_end=True)
+                    stop, bad_data = self.stop.agreed(self.dist)  # one that arrived during the evaluation
                     if bad_data or (stop and not last):
-                        if not checkpointed:
-                            self.save_checkpoint(metrics)
+                        self._checkpoint_if_due(metrics, forced=True)
                         if bad_data:
                             raise self.stop.bad_data_error(self.cfg.data.path)
                         return self._interrupted()

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastrsb.config import load_config, parse_backend_spec
+from fastrsb.config import load_config
+from fastrsb.data import parse_backend_spec
 from fastrsb.data import create_loader
 from fastrsb.data.bad_samples import BadDataError, replacement_sources
 from fastrsb.dist import DistInfo

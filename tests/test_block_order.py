@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastrsb.config import ConfigError, load_config, parse_backend_spec
+from fastrsb.config import ConfigError, load_config
+from fastrsb.data import parse_backend_spec
 from fastrsb.data import create_loader
 from fastrsb.data.block_order import BlockLayout, block_order
 from fastrsb.data.sampler import epoch_samples

@@ -20,7 +20,8 @@ SPECS = ["ffcv", "ffcv:ffcv", "dali", "torch", "torch:device", "synthetic"]
 
 CHILD = """
 import sys
-from fastrsb.config import load_config, parse_backend_spec
+from fastrsb.config import load_config
+from fastrsb.data import parse_backend_spec
 from fastrsb.data import create_loader
 from fastrsb.dist import DistInfo
 

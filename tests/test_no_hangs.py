@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from fastrsb.config import parse_backend_spec
+from fastrsb.data import parse_backend_spec
 from fastrsb.data import create_loader
 from fastrsb.dist import DistInfo
 from tests.datagen import sample_ids

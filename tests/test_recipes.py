@@ -61,7 +61,8 @@ def test_settings_that_do_not_go_together_fail_at_load(overrides, expect):
 def test_backend_specs_name_each_backends_decoder_key():
     """BACKEND[:DECODE] (fastrsb bench --backends, the tests) sets the data.* key of that backend's decoder; the
     table names real keys, and a decoder for a backend that has none is an error naming the spec."""
-    from fastrsb.config import DECODER_KEY, DataConfig, allowed, parse_backend_spec
+    from fastrsb.config import DataConfig, allowed
+    from fastrsb.data import DECODER_KEY, parse_backend_spec
 
     assert parse_backend_spec("torch:device") == ("torch", {"torch_decode": "device"})
     assert parse_backend_spec("synthetic") == ("synthetic", {})

@@ -29,7 +29,7 @@ from fastrsb.augment import randaugment_numba as numba_kernels
 from fastrsb.augment import randaugment_torch as torch_ops
 from fastrsb.augment.op_table import IMAGENET_FILL, KERNEL, LEVEL_DENOM, level_to_arg, program_step
 from fastrsb.augment.parcel import Parcel
-from fastrsb.config import resolve_randaugment_impl
+from fastrsb.config import AugmentConfig, allowed
 
 RAND_TRANSFORMS = ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
                    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]
@@ -214,6 +214,19 @@ class TorchOps:
 
 
 IMPLEMENTATIONS = {"numba": NumbaOps, "torch": TorchOps}  # by augment.randaugment_impl's names
+
+
+def resolve_randaugment_impl(impl: str, device_type: str) -> str:
+    """augment.randaugment_impl for a device type: 'auto' takes the numba kernels on the CPU and the torch ops
+    elsewhere; the kernels run on the CPU only."""
+    if impl not in allowed(AugmentConfig, "randaugment_impl"):
+        raise ValueError(f"augment.randaugment_impl: expected one of {allowed(AugmentConfig, 'randaugment_impl')}, "
+                         f"got {impl!r}")
+    if impl == "auto":
+        return "numba" if device_type == "cpu" else "torch"
+    if impl == "numba" and device_type != "cpu":
+        raise ValueError(f"augment.randaugment_impl=numba runs on the CPU only, not on {device_type}; use torch or auto")
+    return impl
 
 
 def create_ops(impl: str, device: torch.device) -> NumbaOps | TorchOps:

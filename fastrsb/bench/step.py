@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fastrsb.config import load_config, merge, resolve_randaugment_impl
+from fastrsb.augment.randaugment import resolve_randaugment_impl
+from fastrsb.config import load_config, merge
 from fastrsb.data.base import Batch
 from fastrsb.data.staging import nhwc_to_batch
 from fastrsb.dist import init_distributed

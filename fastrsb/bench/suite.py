@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from fastrsb.bench.report import paired_ratio, summarize
-from fastrsb.config import DECODER_KEY, load_config, parse_backend_spec
+from fastrsb.config import load_config
+from fastrsb.data import DECODER_KEY, parse_backend_spec
 from fastrsb.data.base import default_workers
 from fastrsb.dist import DistInfo, init_distributed
 

@@ -6,11 +6,34 @@ import warnings
 import numpy as np
 
 from dataprep.layout import open_dataset
-from fastrsb.config import DataConfig, allowed
+from fastrsb.config import Config, DataConfig, allowed
 from fastrsb.data.base import Batch, SplitLoader
 from fastrsb.dist import DistInfo
 
 BACKENDS = allowed(DataConfig, "backend")
+
+# the data.* key that chooses each backend's decoder (BACKEND:DECODE in `fastrsb bench` and the tests), and the
+# one decoder with a choice of library (BACKEND:DECODE:LIBRARY)
+DECODER_KEY = {"ffcv": "ffcv_decoder", "dali": "dali_decode", "torch": "torch_decode"}
+LIBRARY_KEY = {("torch", "device"): "torch_device_decoder"}
+
+
+def parse_backend_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'BACKEND[:DECODE[:LIBRARY]]' -> (backend, {data key: value}), e.g. 'torch:device' -> ('torch', {'torch_decode':
+    'device'}), 'torch:device:torchvision' also sets data.torch_device_decoder."""
+    backend, _, rest = spec.partition(":")
+    decode, _, library = rest.partition(":")
+    if not decode:
+        return backend, {}
+    if backend not in DECODER_KEY:
+        raise ValueError(f"{spec!r}: only {', '.join(f'{b}:DECODE' for b in DECODER_KEY)} name a decoder")
+    keys = {DECODER_KEY[backend]: decode}
+    if library:
+        if (backend, decode) not in LIBRARY_KEY:
+            raise ValueError(f"{spec!r}: only {', '.join(f'{b}:{d}:LIBRARY' for b, d in LIBRARY_KEY)} name a library")
+        keys[LIBRARY_KEY[backend, decode]] = library
+    return backend, keys
+
 _EXTRA = {"ffcv": "ffcv", "dali": "dali"}
 
 
@@ -28,7 +51,7 @@ def _warn_if_sorted_by_label(blocks, labels: np.ndarray, num_classes: int, path:
                       f"Convert with --shuffle-store (docs/data.md, block order)", stacklevel=3)
 
 
-def create_loader(cfg, split: str, dist: DistInfo) -> SplitLoader:
+def create_loader(cfg: Config, split: str, dist: DistInfo) -> SplitLoader:
     """The loader for `split` ('train' or 'val') of cfg.data on this rank.
 
     Every check that can fail (library, dataset files, manifest) runs here, before any work starts;
