@@ -3,8 +3,6 @@
 the store's pages dropped behind it so its resident share stays near the window's."""
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -108,25 +106,13 @@ def bigger_dataset(tmp_path_factory):
 
 def _peak_resident(loader) -> tuple[int, int]:
     """(the most of the store resident during an epoch, resident after it), from a cold start."""
-    from fastrsb.data.page_cache import evict, resident_bytes
+    from fastrsb.data.page_cache import ResidentPeak, evict, resident_bytes
 
     paths = loader.store.paths
     evict(paths)
-    peak, stop = [0], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], sum(resident_bytes(p) for p in paths))
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with ResidentPeak(paths, interval=0.002) as resident:
         guarded("an epoch from a cold store", lambda: [b.images.shape for b in loader])
-    finally:
-        stop.set()
-        watcher.join()
-    return peak[0], sum(resident_bytes(p) for p in paths)
+    return resident.peak, sum(resident_bytes(p) for p in paths)
 
 
 @SORTED_STORE
@@ -138,7 +124,7 @@ def test_block_order_keeps_the_store_out_of_the_page_cache_behind_it(bigger_data
     small is one or two of them; benchmarks/results/cpu-2core/cold_store.json measures it at size.)"""
     over = dict(batch_size=16, workers=1)
     # block order first: pages another loader of the same file still maps (ffcv's os_cache) cannot be dropped
-    peak, after = _peak_resident(create_loader(make_cfg(bigger_dataset, backend, **over, order="block", block_mb=0.2,
+    peak, after = _peak_resident(create_loader(make_cfg(bigger_dataset, backend, **over, order="block", block_mb=0.1,
                                                         window_blocks=2), "train", DistInfo()))
     store_peak, store = _peak_resident(create_loader(make_cfg(bigger_dataset, backend, **over), "train", DistInfo()))
     assert store >= store_peak > 0  # random order: what an epoch reads of the store stays

@@ -228,16 +228,15 @@ def _peak_rss_mb() -> float:
 def bench_cold_store(data: str, backends: list[str], orders: list[str], batch_size: int, res: int, workers: int,
                      repeats: int, device: str = "auto", overrides=()) -> list[dict]:
     """Each backend and order reading its train split from a cold store: the store's files are dropped from the page
-    cache (fastrsb.data.page_cache.evict) before every timed epoch. Per epoch: images/sec, bytes read from storage
+    cache before every timed epoch, by every rank (StoreExtents.drop_all: each rank's own map of the .beton, ffcv's,
+    is unmapped first, or the pages it maps would stay). Per epoch: images/sec, bytes read from storage
     (by this process and its workers) against the store's size, and the most of the store the page cache held at
     once (sampled every 10 ms); the same loader's warm epochs (store cached, after a warm-up epoch) are the throughput
     it is compared with. Under torchrun each rank measures its own process; rank 0 gets every rank's figures."""
-    import threading
-
     import torch.distributed as tdist
 
     from fastrsb.data import create_loader
-    from fastrsb.data.page_cache import evict, resident_bytes
+    from fastrsb.data.page_cache import ResidentPeak
 
     dist = init_distributed(device, "--device")
     workers = workers or default_workers(dist)
@@ -262,24 +261,15 @@ def bench_cold_store(data: str, backends: list[str], orders: list[str], batch_si
             warm = [epoch(1 + r)[0] for r in range(repeats)]
             cold, reads, peaks = [], [], []
             for r in range(repeats):
-                if dist.is_main:
-                    evict(paths)
-                peak, stop = [0], threading.Event()
-
-                def watch():
-                    while not stop.is_set():
-                        peak[0] = max(peak[0], sum(resident_bytes(p) for p in paths))
-                        time.sleep(0.01)
-
-                watcher = threading.Thread(target=watch, daemon=True)
+                loader.store.drop_all()  # every rank: pages a rank's map of the .beton holds (ffcv) stay otherwise
+                if dist.distributed:
+                    tdist.barrier()
                 read_before = disk_read_bytes()
-                watcher.start()
-                ips, _ = epoch(1 + repeats + r)
-                stop.set()
-                watcher.join()
+                with ResidentPeak(paths, interval=0.01) as resident:
+                    ips, _ = epoch(1 + repeats + r)
                 cold.append(ips)
                 reads.append(disk_read_bytes() - read_before)
-                peaks.append(peak[0])
+                peaks.append(resident.peak)
             mine = {"rank": dist.rank, "cold_images_per_sec": float(np.median(cold)), "warm_images_per_sec":
                     float(np.median(warm)), "disk_read_bytes": int(np.median(reads)),
                     "peak_resident_store_bytes": int(max(peaks)), "peak_rss_mb": round(_peak_rss_mb(), 1)}
@@ -302,6 +292,7 @@ def bench_cold_store(data: str, backends: list[str], orders: list[str], batch_si
                          "per_rank": ranks, "blocks": loader.blocks._asdict() if loader.blocks else None,
                          "decoder": loader.decoder_name})
             loader.end_epoch()
+            loader.store.drop_all()  # unmapped: this loader's map would keep the next one's store resident
     return rows
 
 

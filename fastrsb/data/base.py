@@ -159,31 +159,44 @@ class SplitLoader:
         self.start_batch = 0
         self._running = self._epoch(plan)
         if self.blocks is not None and self.store is not None:
-            self._running = self._dropping_pages(self._running, plan, self.store)
+            self._running = self._paging(self._running, plan, self.store)
         return self._running
 
     # Blocks a rank is done with stay in the page cache this many steps longer: the other ranks may be a step behind
     # (DDP keeps them within one), and what the loaders read ahead is for later steps, never earlier ones.
     DROP_LAG = 2
 
-    def _dropping_pages(self, batches: Generator[Batch, None, None], plan: EpochPlan,
-                        extents: StoreExtents) -> Generator[Batch, None, None]:
-        """The epoch's batches; after each step, the page-cache pages of the store that only samples done DROP_LAG
-        steps ago use leave it (posix_fadvise), and at the epoch's end all it read: so a store's resident pages stay
-        near the window's, whatever its size (tests/test_block_order.py)."""
+    def _paging(self, batches: Generator[Batch, None, None], plan: EpochPlan,
+                extents: StoreExtents) -> Generator[Batch, None, None]:
+        """The epoch's batches, with the store's page cache kept to what the window needs: the chunks the next steps
+        (data.prefetch + DROP_LAG ahead) first want are read in the background (fetch_chunks: a block in large reads),
+        the chunks only samples done DROP_LAG steps ago use leave the cache after each step (posix_fadvise), and at
+        the epoch's end all the epoch read does. So a store's resident pages stay near the window's, whatever its
+        size (tests/test_block_order.py)."""
         args = self._sampler_args(plan.epoch, 0)
-        block_done = sampler.block_finish_steps(self.blocks, **{k: args[k] for k in (
+        first, last = sampler.block_steps(self.blocks, **{k: args[k] for k in (
             "seed", "epoch", "world_size", "batch_size", "num_repeats", "drop_last")})
-        schedule = extents.chunk_schedule(block_done[self.blocks.block_of(np.arange(self.num_samples))])
-        dropped = [int(np.searchsorted(steps, plan.start_batch - self.DROP_LAG)) for _, steps in schedule]
+        block = self.blocks.block_of(np.arange(self.num_samples))
+        schedule = extents.chunk_schedule(first[block], last[block])
+        ahead = self.cfg.prefetch + self.DROP_LAG
+        fetched = [0] * len(schedule)
+        dropped = [int(np.searchsorted(s.last, plan.start_batch - self.DROP_LAG)) for s in schedule]
+
+        def page(step: int) -> None:  # before step + 1: fetch what is wanted soon, drop what is done with
+            for f, s in enumerate(schedule):
+                upto = int(np.searchsorted(s.first, step + 1 + ahead, side="right"))
+                extents.fetch_chunks(f, s.by_first[fetched[f]:upto])
+                fetched[f] = upto
+                upto = int(np.searchsorted(s.last, step - self.DROP_LAG, side="right"))
+                extents.drop_chunks(f, s.by_last[dropped[f]:upto])
+                dropped[f] = upto
+
         extents.read_at_random()  # before the backend's epoch starts reading
+        page(plan.start_batch - 1)
         try:
             for step, batch in enumerate(batches, start=plan.start_batch):
                 yield batch
-                for f, (chunks, steps) in enumerate(schedule):
-                    upto = int(np.searchsorted(steps, step - self.DROP_LAG, side="right"))
-                    extents.drop_chunks(f, chunks[dropped[f]:upto])
-                    dropped[f] = upto
+                page(step)
             extents.drop_all()
         finally:
             batches.close()

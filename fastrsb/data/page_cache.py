@@ -9,9 +9,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -37,32 +39,40 @@ class StoreExtents:
     def total_bytes(self) -> int:
         return int(self.size.sum())
 
-    def chunk_schedule(self, sample_done: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per file, (chunks, steps): the CHUNK-sized pieces of the file that hold samples read this epoch, and the
-        step after which none of them is needed any more, both sorted by that step. sample_done: int64 per sample,
-        the step after which it is done (-1: not read this epoch). A chunk is done when every sample in it that is
-        read is; bytes of no sample (tar headers) go with their chunk."""
+    def chunk_schedule(self, sample_first: np.ndarray, sample_last: np.ndarray) -> list[ChunkSchedule]:
+        """Per file, when each CHUNK-sized piece that holds samples read this epoch is first wanted and when it is
+        done with. sample_first, sample_last: int64 per sample, the first and last step that reads it (-1: none this
+        epoch). A chunk is wanted at the first step any of its samples is, and done when every one that is read
+        is; bytes of no sample (tar headers) go with their chunk."""
         out = []
         for f in range(len(self.paths)):
-            mine = np.flatnonzero(self.file == f)
-            first = self.offset[mine] // CHUNK
-            last = (self.offset[mine] + np.maximum(self.size[mine], 1) - 1) // CHUNK
-            done = np.full(int(last.max(initial=-1)) + 1, -1, np.int64)
-            for k in range(int((last - first).max(initial=-1)) + 1):  # samples span a chunk or a few
-                spans = last - first >= k
-                np.maximum.at(done, first[spans] + k, sample_done[mine][spans])
-            chunks = np.flatnonzero(done >= 0)
-            order = np.argsort(done[chunks], kind="stable")
-            out.append((chunks[order], done[chunks][order]))
+            mine = np.flatnonzero((self.file == f) & (sample_last >= 0))
+            lo = self.offset[mine] // CHUNK
+            hi = (self.offset[mine] + np.maximum(self.size[mine], 1) - 1) // CHUNK
+            n = int(hi.max(initial=-1)) + 1
+            first, last = np.full(n, np.iinfo(np.int64).max), np.full(n, -1, np.int64)
+            for k in range(int((hi - lo).max(initial=-1)) + 1):  # samples span a chunk or a few
+                spans = hi - lo >= k
+                np.minimum.at(first, lo[spans] + k, sample_first[mine][spans])
+                np.maximum.at(last, lo[spans] + k, sample_last[mine][spans])
+            chunks = np.flatnonzero(last >= 0)
+            by_first, by_last = (chunks[np.argsort(when[chunks], kind="stable")] for when in (first, last))
+            out.append(ChunkSchedule(by_first, first[by_first], by_last, last[by_last]))
         return out
+
+    def fetch_chunks(self, f: int, chunks: np.ndarray) -> None:
+        """Ask the kernel to read these chunks of the file into the page cache now, in the background
+        (POSIX_FADV_WILLNEED): a block arrives in a few large reads, not sample by sample."""
+        for start, length in _runs(chunks):
+            fd = os.open(self.paths[f], os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def drop_chunks(self, f: int, chunks: np.ndarray) -> None:
         """Drop the file's page-cache pages in these chunks (consecutive chunks in one call)."""
-        if not len(chunks):
-            return
-        chunks = np.sort(chunks)
-        breaks = np.flatnonzero(np.diff(chunks) != 1) + 1
-        self._drop(f, [(int(run[0]) * CHUNK, len(run) * CHUNK) for run in np.split(chunks, breaks)])
+        self._drop(f, _runs(chunks))
 
     def drop_all(self) -> None:
         """Drop every page of the store's files: what the readers' read-ahead brought in around the blocks too."""
@@ -87,6 +97,24 @@ class StoreExtents:
                 os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+class ChunkSchedule(NamedTuple):
+    """One file's chunks read this epoch, in the order they are first wanted and in the order they are done with."""
+
+    by_first: np.ndarray
+    first: np.ndarray  # the step at which by_first[i] is first wanted (ascending)
+    by_last: np.ndarray
+    last: np.ndarray  # the step after which by_last[i] is done with (ascending)
+
+
+def _runs(chunks: np.ndarray) -> list[tuple[int, int]]:
+    """(offset, length) of the runs of consecutive chunks among these."""
+    if not len(chunks):
+        return []
+    chunks = np.sort(chunks)
+    runs = np.split(chunks, np.flatnonzero(np.diff(chunks) != 1) + 1)
+    return [(int(run[0]) * CHUNK, len(run) * CHUNK) for run in runs]
 
 
 def evict(paths) -> None:
@@ -117,3 +145,26 @@ def resident_bytes(path: str | Path) -> int:
         if rc != 0:
             raise OSError(ctypes.get_errno(), f"mincore({path})")
         return int(np.count_nonzero(np.frombuffer(vec, np.uint8) & 1)) * PAGE
+
+
+class ResidentPeak:
+    """`with ResidentPeak(paths) as watch: ...`: the most of these files the page cache held at once while the block
+    ran (watch.peak, bytes), sampled every `interval` seconds from a thread of its own."""
+
+    def __init__(self, paths, interval: float = 0.005):
+        self.paths, self.interval, self.peak = list(paths), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="fastrsb resident pages")
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(resident_bytes(p) for p in self.paths))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "ResidentPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

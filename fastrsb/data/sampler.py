@@ -79,19 +79,23 @@ def epoch_samples(num_samples: int, *, seed: int, epoch: int, rank: int, world_s
     return mine[start_batch * batch_size:], copies[start_batch * batch_size:]
 
 
-def block_finish_steps(blocks: BlockLayout, *, seed: int, epoch: int, world_size: int, batch_size: int,
-                       num_repeats: int = 1, drop_last: bool = True) -> np.ndarray:
-    """int64 per block: the last of this epoch's steps (batches of every rank) that reads a sample of it, -1 for a
-    block no step reads. Its pages can leave the page cache once every rank is past that step."""
+def block_steps(blocks: BlockLayout, *, seed: int, epoch: int, world_size: int, batch_size: int, num_repeats: int = 1,
+                drop_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last), int64 per block: the first and the last of this epoch's steps (batches of every rank) that read
+    a sample of it, -1 for a block no step reads. Its pages are wanted from the first and can leave the page cache
+    once every rank is past the last."""
     n = epoch_length(blocks.num_samples, rank=0, world_size=world_size, batch_size=batch_size,
                      num_repeats=num_repeats, drop_last=drop_last)
     order = _permutation(blocks.num_samples, seed, epoch, True, blocks)
     if num_repeats > 1:
         order = np.repeat(order, num_repeats)
     positions = np.arange(world_size * n)
-    finish = np.full(blocks.num_blocks, -1, np.int64)
-    np.maximum.at(finish, blocks.block_of(order[positions % len(order)]), positions // world_size // batch_size)
-    return finish
+    block, step = blocks.block_of(order[positions % len(order)]), positions // world_size // batch_size
+    first, last = np.full(blocks.num_blocks, n, np.int64), np.full(blocks.num_blocks, -1, np.int64)
+    np.minimum.at(first, block, step)
+    np.maximum.at(last, block, step)
+    first[last < 0] = -1
+    return first, last
 
 
 def augmentation_keys(seed: int, epoch: int, indices: np.ndarray, copies: np.ndarray) -> np.ndarray:
