@@ -177,19 +177,19 @@ class SplitLoader:
         first, last = sampler.block_steps(self.blocks, **{k: args[k] for k in (
             "seed", "epoch", "world_size", "batch_size", "num_repeats", "drop_last")})
         block = self.blocks.block_of(np.arange(self.num_samples))
-        schedule = extents.chunk_schedule(first[block], last[block])
+        s = extents.chunk_schedule(first[block], last[block])
         ahead = self.cfg.prefetch + self.DROP_LAG
-        fetched = [0] * len(schedule)
-        dropped = [int(np.searchsorted(s.last, plan.start_batch - self.DROP_LAG)) for s in schedule]
+        fetched, dropped = 0, int(np.searchsorted(s.last, plan.start_batch - self.DROP_LAG))
 
         def page(step: int) -> None:  # before step + 1: fetch what is wanted soon, drop what is done with
-            for f, s in enumerate(schedule):
-                upto = int(np.searchsorted(s.first, step + 1 + ahead, side="right"))
-                extents.fetch_chunks(f, s.by_first[fetched[f]:upto])
-                fetched[f] = upto
-                upto = int(np.searchsorted(s.last, step - self.DROP_LAG, side="right"))
-                extents.drop_chunks(f, s.by_last[dropped[f]:upto])
-                dropped[f] = upto
+            nonlocal fetched, dropped
+            upto = int(np.searchsorted(s.first, step + 1 + ahead, side="right"))
+            wanted = s.last_of_first[fetched:upto] > step  # a resumed epoch's done chunks are not fetched
+            extents.fetch_chunks(s.by_first[fetched:upto][wanted], s.stride)
+            fetched = upto
+            upto = int(np.searchsorted(s.last, step - self.DROP_LAG, side="right"))
+            extents.drop_chunks(s.by_last[dropped:upto], s.stride)
+            dropped = upto
 
         extents.read_at_random()  # before the backend's epoch starts reading
         page(plan.start_batch - 1)
