@@ -133,7 +133,7 @@ class StoredSample:
 
 
 @dataclass(frozen=True)
-class _ShardPlan:
+class _ShardJob:
     """A shard still to be checked or written: its inputs, and the fingerprint a finished shard must match."""
 
     stem: str
@@ -309,34 +309,34 @@ class _Converter:
     def _write_shards(self, split: str, records: list[Record]) -> list[_Shard]:
         """Pass 1: decode-check every record and write the checked ones as tar shards, re-using each finished
         shard whose sidecar still matches (what makes a killed conversion resumable shard by shard)."""
-        plans = self._plan_shards(split, records)
-        shards: list[_Shard | None] = [self._finished_shard(split, plan) for plan in plans]
+        jobs = self._shard_jobs(split, records)
+        shards: list[_Shard | None] = [self._finished_shard(split, job) for job in jobs]
         waiting = deque(i for i, shard in enumerate(shards) if shard is None)
-        if len(waiting) < len(plans):
-            self.log(f"[convert] {split}: re-using {len(plans) - len(waiting)} finished shard(s) of {len(plans)}")
-        todo = [plans[i] for i in waiting]
-        bar = tqdm(total=len(records), initial=len(records) - sum(len(plan.inputs) for plan in todo), unit="img",
+        if len(waiting) < len(jobs):
+            self.log(f"[convert] {split}: re-using {len(jobs) - len(waiting)} finished shard(s) of {len(jobs)}")
+        todo = [jobs[i] for i in waiting]
+        bar = tqdm(total=len(records), initial=len(records) - sum(len(job.inputs) for job in todo), unit="img",
                    desc=f"convert {split}", disable=not self.progress, dynamic_ncols=True, smoothing=0.05)
         results: dict[int, PreparedImage | Skipped] = {}
         for candidate, result in _prepared_in_order(self._tasks(todo), self.workers):
             results[candidate] = result
             bar.update(1)
-            if candidate == plans[waiting[0]].last:  # results arrive in order: that shard is complete
+            if candidate == jobs[waiting[0]].last:  # results arrive in order: that shard is complete
                 i = waiting.popleft()
-                shards[i] = self._finish_shard(plans[i], results)
+                shards[i] = self._finish_shard(jobs[i], results)
         bar.close()
         return shards  # type: ignore[return-value]
 
-    def _tasks(self, plans: list[_ShardPlan]) -> Iterator[_Task]:
-        """The workers' tasks for the plans' records, built as they are taken: the source reads a record's bytes
+    def _tasks(self, jobs: list[_ShardJob]) -> Iterator[_Task]:
+        """The workers' tasks for the jobs' records, built as they are taken: the source reads a record's bytes
         (or hands over its path) only then."""
-        numbered = (numbered for plan in plans for numbered in plan.candidates())
-        payloads = self.source.payloads(record for plan in plans for record in plan.inputs)
+        numbered = (numbered for job in jobs for numbered in job.candidates())
+        payloads = self.source.payloads(record for job in jobs for record in job.inputs)
         s = self.settings
         return ((candidate, record.name, payload, s.max_resolution, s.jpeg_quality, s.reencode)
                 for (candidate, record), payload in zip(numbered, payloads, strict=True))
 
-    def _plan_shards(self, split: str, records: list[Record]) -> list[_ShardPlan]:
+    def _shard_jobs(self, split: str, records: list[Record]) -> list[_ShardJob]:
         """Cut a split's records into shards of shard_size, each fingerprinted by its records (the container file's
         path, size and mtime, the record's place in it, its label) and the settings that change its bytes: a
         finished shard is re-used only while nothing of that changed."""
@@ -351,7 +351,7 @@ class _Converter:
                     stats[container] = (-1, -1)
             return stats[container]
 
-        plans = []
+        jobs = []
         for j, start in enumerate(range(0, len(records), self.settings.shard_size)):
             shard_records = records[start:start + self.settings.shard_size]
             identity = [[r.container, *stat(r.container), r.row, r.key, r.label] for r in shard_records]
@@ -360,18 +360,18 @@ class _Converter:
             fingerprint = _fingerprint({"v": FORMAT_VERSION, "sidecar": _SIDECAR_VERSION,
                                         "max_res": self.settings.max_resolution, "q": self.settings.jpeg_quality,
                                         "as_is": not self.settings.reencode, "start": start, "inputs": identity})
-            plans.append(_ShardPlan(shard_stem(split, j), start, shard_records, fingerprint))
-        return plans
+            jobs.append(_ShardJob(shard_stem(split, j), start, shard_records, fingerprint))
+        return jobs
 
     def _sidecar(self, stem: str) -> Path:
         return self.work / f"{stem}.json"
 
-    def _finished_shard(self, split: str, plan: _ShardPlan) -> _Shard | None:
-        """The shard a previous run finished for this plan, if its sidecar matches and its files are whole: their
+    def _finished_shard(self, split: str, job: _ShardJob) -> _Shard | None:
+        """The shard a previous run finished for this job, if its sidecar matches and its files are whole: their
         content is hashed (a damaged shard keeps its size), and a shard whose files differ is rewritten."""
         try:
-            sidecar = json.loads(self._sidecar(plan.stem).read_text())
-            if sidecar.get("fingerprint") != plan.fingerprint:
+            sidecar = json.loads(self._sidecar(job.stem).read_text())
+            if sidecar.get("fingerprint") != job.fingerprint:
                 return None
             shard = _Shard.from_json(sidecar)
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
@@ -391,12 +391,12 @@ class _Converter:
             return False
         return True
 
-    def _finish_shard(self, plan: _ShardPlan, results: dict[int, PreparedImage | Skipped]) -> _Shard:
+    def _finish_shard(self, job: _ShardJob, results: dict[int, PreparedImage | Skipped]) -> _Shard:
         """Write a shard's tar and index from its inputs' results, then its sidecar (last: it marks the shard done)."""
         members, samples, skipped = [], [], []
-        tar_rel = os.path.relpath(self.shard_dir / f"{plan.stem}.tar", self.out)
-        idx_rel = os.path.relpath(self.shard_dir / f"{plan.stem}.idx", self.out)
-        for candidate, record in plan.candidates():
+        tar_rel = os.path.relpath(self.shard_dir / f"{job.stem}.tar", self.out)
+        idx_rel = os.path.relpath(self.shard_dir / f"{job.stem}.idx", self.out)
+        for candidate, record in job.candidates():
             match results.pop(candidate):
                 case Skipped() as skip:
                     skipped.append(skip)
@@ -408,14 +408,14 @@ class _Converter:
         tar_bytes, idx_bytes = write_shard(self.out / tar_rel, self.out / idx_rel, members)
         offsets = read_wds_index(self.out / idx_rel)
         shard = _Shard(
-            fingerprint=plan.fingerprint,
+            fingerprint=job.fingerprint,
             tar=ShardFile.of(tar_rel, tar_bytes),
             index=ShardFile.of(idx_rel, idx_bytes),
             samples=[replace(sample, offset=comp["jpg"][0], size=comp["jpg"][1])
                      for sample, comp in zip(samples, offsets)],
             skipped=skipped,
         )
-        atomic_write_json(self._sidecar(plan.stem), shard.to_json())
+        atomic_write_json(self._sidecar(job.stem), shard.to_json())
         return shard
 
     def _remove_stale_shards(self, split: str, count: int) -> None:

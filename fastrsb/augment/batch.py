@@ -18,7 +18,7 @@ from fastrsb.config import AugmentConfig
 
 
 @dataclass(frozen=True)
-class MixPlan:
+class MixDecisions:
     """A batch's mixing decisions, as BatchMixup.prepare put them in the parcel."""
 
     mixing: slice  # per sample: weight of itself, weight of its partner, cut box y0, y1, x0, x1
@@ -35,7 +35,7 @@ class BatchMixup(Mixup):
     x * lam and partner * (1 - lam), each rounded to x's dtype, then added; the partner of sample i is
     sample n-1-i (timm's flip); cut boxes copy the partner's pixels."""
 
-    def prepare(self, shape: torch.Size, parcel: Parcel) -> MixPlan:
+    def prepare(self, shape: torch.Size, parcel: Parcel) -> MixDecisions:
         """Draw the batch's mixing on the host into `parcel`."""
         n = shape[0]
         if n % 2:
@@ -49,7 +49,7 @@ class BatchMixup(Mixup):
                 boxes[:] = box
             elif lam != 1.0:
                 own[:], other[:] = lam, 1.0 - lam
-            return MixPlan(parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), None, lam)
+            return MixDecisions(parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), None, lam)
         pairs = n // 2 if self.mode == "pair" else n
         lam, use_cutmix = self._params_per_elem(pairs)  # float32, as timm keeps them
         for i in range(pairs):
@@ -68,12 +68,12 @@ class BatchMixup(Mixup):
                 if self.mode == "pair":
                     own[j], other[j] = own[i], other[i]
         target_lam = np.concatenate([lam, lam[::-1]]) if self.mode == "pair" else lam
-        return MixPlan(parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), parcel.add(target_lam), None)
+        return MixDecisions(parcel.add(np.concatenate([own[:, None], other[:, None], boxes], 1)), parcel.add(target_lam), None)
 
-    def apply(self, x: torch.Tensor, targets: torch.Tensor, plan: MixPlan, sent: torch.Tensor):
+    def apply(self, x: torch.Tensor, targets: torch.Tensor, decisions: MixDecisions, sent: torch.Tensor):
         """Mix a normalized float batch and make the soft targets, with the decisions in `sent`."""
         n, _, h, w = x.shape
-        p = sent[plan.mixing].view(n, 6)
+        p = sent[decisions.mixing].view(n, 6)
         own, other = p[:, 0].float().view(n, 1, 1, 1), p[:, 1].float().view(n, 1, 1, 1)
         y0, y1, x0, x1 = (p[:, k].view(n, 1, 1, 1) for k in range(2, 6))
         rows = torch.arange(h, device=x.device, dtype=torch.float64).view(1, 1, h, 1)
@@ -82,7 +82,7 @@ class BatchMixup(Mixup):
         partner = x.flip(0)
         mixed = torch.where(cut, partner, (x * own).to(x.dtype) + (partner * other).to(x.dtype))
         # timm: a Python float in batch mode, else the per-sample lambdas in the images' dtype
-        lam = plan.batch_lam if plan.sample_lam is None else sent[plan.sample_lam].to(x.dtype).unsqueeze(1)
+        lam = decisions.batch_lam if decisions.sample_lam is None else sent[decisions.sample_lam].to(x.dtype).unsqueeze(1)
         return mixed, mixup_target(targets, self.num_classes, lam, self.label_smoothing)
 
 

@@ -45,8 +45,8 @@ def apply_op_args(images: torch.Tensor, name: str, arg: torch.Tensor, impl: str 
     code, params = program_step(name, arg, h, w)
     ops = create_ops(impl, images.device)
     parcel = Parcel()
-    plan = ops.plan(torch.full((1, images.shape[0]), code, dtype=torch.int8), params.unsqueeze(0), parcel)
-    return ops.run(images, plan, parcel.send(images) if len(parcel) else None)
+    prepared = ops.prepare(torch.full((1, images.shape[0]), code, dtype=torch.int8), params.unsqueeze(0), parcel)
+    return ops.run(images, prepared, parcel.send(images) if len(parcel) else None)
 
 
 def _nhwc(images: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ class _Layer:
 
 
 @dataclass(frozen=True)
-class _TorchPlan:
+class _TorchLayers:
     layers: list[_Layer]
     restore: slice  # parcel slice: the order that puts the samples back
 
@@ -140,12 +140,12 @@ class NumbaOps:
     def __init__(self):
         self._buffer: torch.Tensor | None = None
 
-    def plan(self, codes: torch.Tensor, params: torch.Tensor, parcel: Parcel) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, codes: torch.Tensor, params: torch.Tensor, parcel: Parcel) -> tuple[torch.Tensor, torch.Tensor]:
         return codes, params
 
-    def run(self, images: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], sent: torch.Tensor | None) -> torch.Tensor:
+    def run(self, images: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], sent: torch.Tensor | None) -> torch.Tensor:
         """uint8 (N,H,W,3) images through the program."""
-        codes, params = plan
+        codes, params = prepared
         out = torch.empty_like(images)
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         previous = numba.set_parallel_chunksize(1)  # an image costs 3 to 300 us: hand them out one at a time
@@ -171,7 +171,7 @@ class TorchOps:
     def __init__(self):
         self._fill: torch.Tensor | None = None
 
-    def plan(self, codes: torch.Tensor, params: torch.Tensor, parcel: Parcel) -> _TorchPlan:
+    def prepare(self, codes: torch.Tensor, params: torch.Tensor, parcel: Parcel) -> _TorchLayers:
         """A kernel program (codes (L, n), params (L, n, 6)) as the torch ops run it: each layer gathers the
         batch sorted by op code, so every op group is one contiguous slice (one set of launches for all
         its samples); a last gather restores the sample order. Group sizes are known here, on the host,
@@ -180,7 +180,7 @@ class TorchOps:
         layers, n = codes.shape
         holds = np.arange(n)  # after a layer's gather, row j holds sample holds[j]
         position = np.empty(n, np.int64)
-        planned = []
+        built = []
         for layer in range(layers):
             code = codes[layer].numpy()
             order = np.argsort(code, kind="stable")
@@ -194,23 +194,23 @@ class TorchOps:
                 if sorted_codes[start] != KERNEL.IDENTITY:
                     groups.append(_Group(int(sorted_codes[start]), int(start), int(stop),
                                          parcel.add(params[layer].numpy()[order[start:stop]])))
-            planned.append(_Layer(gather, groups))
+            built.append(_Layer(gather, groups))
         position[holds] = np.arange(n)
-        return _TorchPlan(planned, parcel.add(position))
+        return _TorchLayers(built, parcel.add(position))
 
-    def run(self, images: torch.Tensor, plan: _TorchPlan, sent: torch.Tensor) -> torch.Tensor:
-        """uint8 (N,H,W,3) images through the plan, its orders and parameters read from `sent` (the parcel
-        on the device)."""
+    def run(self, images: torch.Tensor, prepared: _TorchLayers, sent: torch.Tensor) -> torch.Tensor:
+        """uint8 (N,H,W,3) images through the prepared layers, their orders and parameters read from `sent` (the
+        parcel on the device)."""
         if self._fill is None:  # timm's fill colour, copied to the batches' device once, not with every batch
             self._fill = torch.tensor(IMAGENET_FILL, dtype=torch.uint8, device=images.device)
         work = images
-        for layer in plan.layers:
+        for layer in prepared.layers:
             # out= matters: index_select into a tensor it allocates itself takes a path ~5x slower on CPU
             work = torch.index_select(work, 0, sent[layer.gather].long(), out=torch.empty_like(work))
             for g in layer.groups:
                 params = sent[g.params].view(-1, 6)
                 work[g.start:g.stop] = torch_ops.apply(g.code, work[g.start:g.stop], params, self._fill)
-        return torch.index_select(work, 0, sent[plan.restore].long(), out=torch.empty_like(work))
+        return torch.index_select(work, 0, sent[prepared.restore].long(), out=torch.empty_like(work))
 
 
 IMPLEMENTATIONS = {"numba": NumbaOps, "torch": TorchOps}  # by augment.randaugment_impl's names
@@ -271,22 +271,22 @@ class RandAugment:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """A new augmented batch (the input is not modified), same dtype, shape and memory format."""
         parcel = Parcel()
-        plan = self.prepare(images, parcel)
-        return self.apply(images, plan, parcel.send(images) if len(parcel) else None)
+        prepared = self.prepare(images, parcel)
+        return self.apply(images, prepared, parcel.send(images) if len(parcel) else None)
 
     def prepare(self, images: torch.Tensor, parcel: Parcel):
         """Draw this batch's decisions on the host; what the device needs goes into `parcel` (sent with the
-        rest of the batch stage's decisions). Returns the plan `apply` runs."""
+        rest of the batch stage's decisions). Returns what `apply` runs."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"RandAugment expects uint8 (N,3,H,W) batches, got {images.dtype} {tuple(images.shape)}")
         if images.device.type != self.device.type:
             raise ValueError(f"RandAugment was set up for {self.device}, got a batch on {images.device}")
         n, _, h, w = images.shape
-        return self.ops.plan(*self._program(self.draw(n), h, w), parcel)
+        return self.ops.prepare(*self._program(self.draw(n), h, w), parcel)
 
-    def apply(self, images: torch.Tensor, plan, sent: torch.Tensor | None) -> torch.Tensor:
-        """Run a prepared batch, reading the device side of its plan from `sent` (the parcel on the device)."""
-        return _restore_layout(self.ops.run(_nhwc(images), plan, sent), images)
+    def apply(self, images: torch.Tensor, prepared, sent: torch.Tensor | None) -> torch.Tensor:
+        """Run a prepared batch, reading its device side from `sent` (the parcel on the device)."""
+        return _restore_layout(self.ops.run(_nhwc(images), prepared, sent), images)
 
     def _program(self, d: dict[str, torch.Tensor], h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The draws as a kernel program: op codes (layers, n) int8 (IDENTITY where no op applies) and

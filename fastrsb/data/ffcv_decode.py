@@ -313,7 +313,7 @@ def dct_shift(box_w: float, box_h: float, out_w: int, out_h: int) -> int:
 
 
 @nb.njit(nogil=True, cache=True)
-def plan_decode(height: int, width: int, mcu_w: int, mcu_h: int, x_in0: float, x_scale: float, x_offset: float,
+def decode_window(height: int, width: int, mcu_w: int, mcu_h: int, x_in0: float, x_scale: float, x_offset: float,
                 y_in0: float, y_scale: float, y_offset: float, out_w: int, out_h: int, bicubic: bool,
                 crop_max_area_fraction: float):
     """Where and how to decode one image for one output box (coordinates in full-size pixels).
@@ -374,14 +374,14 @@ def decode_box(imdecode: int, address: int, size: int, is_jpeg: bool, height: in
     """Decode what the box needs of the stored image at address (size bytes) and resize it into out
     (h, w, 3); returns the outcome bits (DCT scale, cropped, fell back, decode error). imdecode is the
     address of libffcv's imdecode (TurboJPEG); box geometry as resample; crop_max_area_fraction as
-    plan_decode."""
+    decode_window."""
     out_h, out_w = out.shape[0], out.shape[1]
     if not is_jpeg:  # raw pixels (write modes raw/smart/proportion)
         pixels = nb.carray(uint8_pointer(address), (height, width, 3))
         resample(pixels, x_in0, x_scale, x_offset, y_in0, y_scale, y_offset, bicubic, flip, out)
         return DONE
     mcu_w, mcu_h = jpeg_mcu_size(address, size)
-    shift, x0, y0, x1, y1, crop, xb, xw, yb, yw = plan_decode(height, width, mcu_w, mcu_h, x_in0, x_scale, x_offset,
+    shift, x0, y0, x1, y1, crop, xb, xw, yb, yw = decode_window(height, width, mcu_w, mcu_h, x_in0, x_scale, x_offset,
                                                                y_in0, y_scale, y_offset, out_w, out_h, bicubic,
                                                                crop_max_area_fraction)
     d = 1 << shift
