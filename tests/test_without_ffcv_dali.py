@@ -25,7 +25,8 @@ PYTHON = os.environ.get("FASTRSB_TEST_PYTHON", sys.executable)
 CONFIGS = ROOT / "configs"
 pytestmark = pytest.mark.timeout(300)
 # the only modules that may need the missing packages, and the package each needs
-BACKEND_MODULES = {"fastrsb.data.ffcv_loader": "ffcv", "fastrsb.data.dali_loader": "nvidia.dali"}
+BACKEND_MODULES = {"fastrsb.data.ffcv_loader": "ffcv", "fastrsb.data.ffcv_internals": "ffcv",
+                   "fastrsb.data.dali_loader": "nvidia.dali"}
 TINY_TRAIN = ["--model.name=resnet10t", "--data.batch_size=8", "--data.train_res=32", "--data.val_res=32",
               "--data.workers=1", "--train.device=cpu", "--train.log_interval=2", "--train.amp=none",
               "--train.epochs=1"]
